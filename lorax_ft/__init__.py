@@ -1,0 +1,32 @@
+"""lorax_ft: fine-tuning for JAX/Flax models, fully or with LoRA, as pure pytree transforms."""
+
+from lorax_ft import lora, optim, partition, paths
+from lorax_ft.factored import factored, infer_layouts, nnx_params
+from lorax_ft.lora import Factors, KernelLayout
+from lorax_ft.partition import combine, split, variable_labels
+from lorax_ft.spec import FULL_FINETUNE, Freeze, LoRA, Spec, SpecError, Train
+from lorax_ft.train_step import TrainState, init_state, make_train_step
+
+__all__ = [
+    "FULL_FINETUNE",
+    "Factors",
+    "Freeze",
+    "KernelLayout",
+    "LoRA",
+    "Spec",
+    "SpecError",
+    "Train",
+    "TrainState",
+    "combine",
+    "factored",
+    "infer_layouts",
+    "init_state",
+    "lora",
+    "make_train_step",
+    "nnx_params",
+    "optim",
+    "partition",
+    "paths",
+    "split",
+    "variable_labels",
+]

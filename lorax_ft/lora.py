@@ -1,0 +1,190 @@
+"""LoRA as a pure transform over params pytrees: init, merge and unmerge of low-rank factors.
+
+For a kernel W adapted with rank r, the factors are A (in_features × r) and B (r × out_features)
+and the adapted kernel is W + scale · A @ B, reshaped back to W's shape. A kernel's axes split
+into *stacked* layer axes (a `nn.scan`-ed layer stack puts a leading layer axis on every
+kernel), *input* axes and *output* axes; the factors keep the stacked axes in front:
+A (*stack, in_features, r), B (*stack, r, out_features).
+
+The adapters pytree mirrors params but holds only the adapted kernels, each as a `Factors`
+node; the base params are never copied or changed.
+
+>>> import jax, jax.numpy as jnp
+>>> from lorax_ft.spec import LoRA, Spec
+>>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
+>>> adapters = init(jax.random.key(0), params, Spec([(".*/kernel", LoRA(rank=4))]))
+>>> adapters["dense"]["kernel"].a.shape, adapters["dense"]["kernel"].b.shape
+((16, 4), (4, 32))
+>>> merged = merge(params, adapters)   # equal to params while B is zero
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from lorax_ft import paths
+from lorax_ft.spec import LoRA, Spec, SpecError
+
+PyTree = Any
+
+
+@struct.dataclass
+class Factors:
+    """The trainable factors of one adapted kernel; `scale` and `dropout` are static."""
+
+    a: jax.Array  # (*stack, in_features, rank)
+    b: jax.Array  # (*stack, rank, out_features)
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    def delta(self, shape, dtype) -> jax.Array:
+        """scale · A @ B as a kernel of `shape`, computed in float32, returned in `dtype`."""
+        product = jnp.matmul(
+            self.a.astype(jnp.float32),
+            self.b.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        return (self.scale * product).reshape(shape).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """How a kernel's axes split: `stack` leading layer axes, then `inputs` input axes, then outputs.
+
+    `embedding` marks lookup tables, which PEFT initialises the other way round (A zero, B random).
+    """
+
+    stack: int = 0
+    inputs: int = 1
+    embedding: bool = False
+
+    @classmethod
+    def default(cls, path: str, shape: tuple[int, ...]) -> KernelLayout:
+        """Without knowledge of the layer: all axes but the last are inputs (Dense, Conv, Embed)."""
+        return cls(stack=0, inputs=len(shape) - 1, embedding=path.endswith("embedding"))
+
+    def features(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(in_features, out_features) of a kernel of `shape`."""
+        core = shape[self.stack :]
+        return math.prod(core[: self.inputs]), math.prod(core[self.inputs :])
+
+
+def init(
+    rng: jax.Array,
+    params: PyTree,
+    spec: Spec,
+    layouts: Mapping[str, KernelLayout] | None = None,
+    *,
+    dtype: Any = jnp.float32,
+) -> PyTree:
+    """Creates the factors of every kernel that `spec` adapts (PEFT's initialisation).
+
+    Args:
+      rng: a JAX PRNG key; each kernel's factors use `fold_in(rng, index)` in path order.
+      params: the base params pytree (only shapes are read; it is not changed).
+      spec: the rules; leaves with a `LoRA` action are adapted.
+      layouts: per-path `KernelLayout`, usually from `lorax_ft.factored.infer_layouts`; needed
+        for stacked (scanned) kernels and multi-axis kernels whose outputs span several axes
+        (an attention projection of shape (d, heads, head_dim)). Missing paths use
+        `KernelLayout.default`; a rule's `LoRA(in_axes=...)` overrides the input axes.
+      dtype: dtype of the factors (float32 keeps training precise with bfloat16 base weights).
+
+    Returns:
+      A nested dict mirroring `params`, holding a `Factors` node at each adapted kernel's path.
+
+    Raises:
+      SpecError: a rank outside [1, min(in_features, out_features)].
+    """
+    layouts = layouts or {}
+    flat = paths.flatten(params)
+    out = {}
+    for index, (path, action) in enumerate(spec.lora_targets(params).items()):
+        shape = tuple(flat[path].shape)
+        layout = layouts.get(path) or KernelLayout.default(path, shape)
+        if action.in_axes is not None:
+            layout = dataclasses.replace(layout, inputs=action.in_axes)
+        out[path] = _init_factors(
+            jax.random.fold_in(rng, index), path, shape, layout, action, dtype
+        )
+    return paths.unflatten(out)
+
+
+def _init_factors(rng, path, shape, layout: KernelLayout, action: LoRA, dtype) -> Factors:
+    fan_in, fan_out = layout.features(shape)
+    if not 1 <= action.rank <= min(fan_in, fan_out):
+        raise SpecError(
+            f"LoRA rank {action.rank} for {path!r} (shape {shape}: {fan_in} in × {fan_out} out "
+            f"features) must be in [1, {min(fan_in, fan_out)}]"
+        )
+    stack = shape[: layout.stack]
+    a_shape, b_shape = (*stack, fan_in, action.rank), (*stack, action.rank, fan_out)
+    if layout.embedding:
+        # PEFT's Embedding: A zero, B standard normal (the delta starts at zero either way).
+        a = jnp.zeros(a_shape, dtype)
+        b = jax.random.normal(rng, b_shape, dtype)
+    else:
+        if action.init == "gaussian":
+            a = jax.random.normal(rng, a_shape, dtype) / action.rank
+        else:
+            # torch's kaiming_uniform_(a=√5) on a (rank, fan_in) weight: U(±1/√fan_in).
+            bound = 1.0 / math.sqrt(fan_in)
+            a = jax.random.uniform(rng, a_shape, dtype, -bound, bound)
+        b = jnp.zeros(b_shape, dtype)
+    return Factors(a=a, b=b, scale=action.scale, dropout=action.dropout)
+
+
+def merge(params: PyTree, adapters: PyTree) -> PyTree:
+    """params with every adapted kernel replaced by W + scale · A @ B (in W's dtype).
+
+    Jit-able; float32 accumulation whatever the kernel's dtype.
+    """
+    return _apply_delta(params, adapters, sign=1.0)
+
+
+def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
+    """Undoes `merge`: W' - scale · A @ B."""
+    return _apply_delta(params, adapters, sign=-1.0)
+
+
+def _apply_delta(params, adapters, sign):
+    factors = factors_by_path(adapters)
+    missing = sorted(set(factors) - set(paths.flatten(params)))
+    if missing:
+        raise KeyError(f"adapters for {missing[:5]} have no kernel in params")
+
+    def update(path, w):
+        if path not in factors:
+            return w
+        delta = factors[path].delta(w.shape, jnp.float32)
+        return (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
+
+    return paths.map_with_path(update, params)
+
+
+def factors_by_path(adapters: PyTree) -> dict[str, Factors]:
+    """`{kernel path: Factors}` of an adapters pytree."""
+    nodes = jax.tree_util.tree_flatten_with_path(
+        adapters, is_leaf=lambda x: isinstance(x, Factors)
+    )[0]
+    return {paths.path_str(kp): f for kp, f in nodes if isinstance(f, Factors)}
+
+
+def count(tree: PyTree) -> int:
+    """Number of scalars in a pytree (params, adapters, optimizer state)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
+def nbytes(tree: PyTree) -> int:
+    """Bytes held by the arrays of a pytree."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))

@@ -1,0 +1,181 @@
+"""What is trained: an ordered list of `(regex, action)` rules over parameter paths.
+
+The first rule whose regex *fully* matches a leaf's path decides what happens to it:
+
+* `LoRA(rank, alpha, ...)`: the leaf (a kernel) stays frozen and gets trainable low-rank factors;
+* `Train()`: the leaf is updated fully (PEFT's `modules_to_save`, biases, norms, a new head);
+* `Freeze()`: the leaf is frozen. Leaves matched by no rule are frozen too.
+
+Full fine-tuning is the spec that trains everything, `FULL_FINETUNE`; it goes through exactly the
+same code as LoRA, with no adapters and nothing frozen. Per-rule rank/alpha overrides (PEFT's
+`rank_pattern`/`alpha_pattern`) are simply earlier, more specific rules.
+
+>>> import jax.numpy as jnp
+>>> params = {"q": {"kernel": jnp.zeros((8, 8)), "bias": jnp.zeros(8)}}
+>>> spec = Spec([(r".*/kernel", LoRA(rank=2, alpha=4)), (r".*/bias", Train())])
+>>> spec.labels(params)
+{'q': {'bias': 'train', 'kernel': 'frozen'}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from lorax_ft import paths
+
+PyTree = Any
+
+LORA, TRAIN, FROZEN = "lora", "train", "frozen"
+Label = Literal["lora", "train", "frozen"]
+
+
+class SpecError(ValueError):
+    """A spec that does not fit the params it is applied to."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """Adapt a kernel W with trainable factors: W + scale · A @ B.
+
+    Attributes:
+      rank: r, the inner dimension of A (in_features × r) and B (r × out_features).
+      alpha: scale numerator; `scale = alpha / rank` (or `alpha / sqrt(rank)` with `rslora`).
+        Defaults to `rank`, a scale of 1.
+      init: "kaiming" (PEFT's default: A kaiming-uniform with a=√5, B zero) or "gaussian"
+        (A ~ N(0, 1/r), B zero). Embedding tables follow PEFT's convention either way: A zero,
+        B random.
+      rslora: rank-stabilised scaling alpha/√r.
+      dropout: dropout on the adapter's input while training (PEFT's `lora_dropout`).
+      in_axes: how many of the kernel's axes (after any stacked layer axes) are inputs; by
+        default it comes from the layer that uses the kernel, else all axes but the last.
+    """
+
+    rank: int
+    alpha: float | None = None
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    rslora: bool = False
+    dropout: float = 0.0
+    in_axes: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise SpecError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SpecError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise SpecError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scale(self) -> float:
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """Update this leaf fully."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Freeze:
+    """Keep this leaf fixed (the default for leaves no rule matches)."""
+
+
+Action = LoRA | Train | Freeze
+Rule = tuple[str, Action]
+
+# Leaf names that are never weight matrices, even when a scanned layer stack makes them 2-D.
+_NOT_KERNELS = ("bias", "scale", "mean", "var")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Ordered `(regex, action)` rules; first full match wins, unmatched leaves are frozen.
+
+    Attributes:
+      rules: the rules, in priority order.
+      strict: require every leaf to be matched by some rule (add `(".*", Freeze())` last to
+        freeze the rest explicitly).
+    """
+
+    rules: Sequence[Rule]
+    strict: bool = False
+
+    def __post_init__(self):
+        rules = tuple((str(pattern), action) for pattern, action in self.rules)
+        for pattern, action in rules:
+            if not isinstance(action, LoRA | Train | Freeze):
+                raise SpecError(
+                    f"rule {pattern!r}: action {action!r} is not one of LoRA(...), Train(), Freeze()"
+                )
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise SpecError(f"rule {pattern!r}: not a valid regex ({e})") from None
+        object.__setattr__(self, "rules", rules)
+
+    def resolve(self, params: PyTree) -> dict[str, Action]:
+        """`{path: action}` for every leaf, after validating the spec against `params`.
+
+        Raises:
+          SpecError: a rule matches no leaf; LoRA targets a leaf that is not a kernel; with
+            `strict`, a leaf that no rule matches. (A rank larger than min(in, out) is caught by
+            `lora.init`, which knows how the kernel's axes split into inputs and outputs.)
+        """
+        flat = paths.flatten(params)
+        compiled = [(re.compile(p), p, a) for p, a in self.rules]
+        actions: dict[str, Action] = {}
+        for path in flat:
+            for regex, _, action in compiled:
+                if regex.fullmatch(path):
+                    actions[path] = action
+                    break
+            else:
+                if self.strict:
+                    raise SpecError(
+                        f"parameter {path!r} is matched by no rule and the spec is strict; "
+                        "add a rule for it, e.g. (r'.*', Freeze()) last"
+                    )
+                actions[path] = Freeze()
+        for regex, pattern, _ in compiled:
+            if not any(regex.fullmatch(p) for p in flat):
+                close = difflib.get_close_matches(pattern, flat, n=5, cutoff=0.0)
+                raise SpecError(
+                    f"rule {pattern!r} matches no parameter (regexes must match the whole "
+                    f"'/'-joined path); closest paths: {close}"
+                )
+        for path, action in actions.items():
+            if isinstance(action, LoRA):
+                _check_lora_target(path, flat[path])
+        return actions
+
+    def labels(self, params: PyTree) -> PyTree:
+        """A pytree like `params` of `'train'` / `'frozen'` (adapted kernels are frozen)."""
+        actions = self.resolve(params)
+        return paths.map_with_path(
+            lambda p, _: TRAIN if isinstance(actions[p], Train) else FROZEN, params
+        )
+
+    def lora_targets(self, params: PyTree) -> dict[str, LoRA]:
+        """`{path: LoRA}` for the kernels this spec adapts."""
+        return {p: a for p, a in self.resolve(params).items() if isinstance(a, LoRA)}
+
+
+FULL_FINETUNE = Spec([(".*", Train())])
+"""Train every leaf: full fine-tuning, through the same code path as LoRA."""
+
+
+def _check_lora_target(path: str, leaf: Any) -> None:
+    shape = tuple(getattr(leaf, "shape", ()))
+    name = path.rsplit("/", 1)[-1]
+    if len(shape) < 2 or name in _NOT_KERNELS:
+        raise SpecError(
+            f"LoRA targets {path!r} with shape {shape}, which is not a kernel (LoRA adapts "
+            "weight matrices, conv kernels and embedding tables; train biases and norm scales "
+            "with Train())"
+        )
