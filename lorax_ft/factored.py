@@ -70,12 +70,12 @@ class _Pass:
     Lives for a single call of the wrapped model, so it holds no state between calls.
     """
 
-    def __init__(self, groups: dict[str, tuple[str, ...]] | None, rng: jax.Array | None):
+    def __init__(self, groups: dict[str, tuple] | None, rng: jax.Array | None):
         self.groups = groups or {}
         self.rng = rng
         self.recording = groups is None
         self.calls: list[_Call] = []
-        self._shared: dict[tuple[str, ...], tuple[Any, jax.Array, dict[str, slice]]] = {}
+        self._shared: dict[tuple, tuple[Any, dict[str, jax.Array]]] = {}
         self._dropout_calls = 0
 
     def record(self, path, layer, stack, x, factors) -> bool:
@@ -92,16 +92,15 @@ class _Pass:
         group = self.groups.get(path)
         if group is None:
             return layer.delta(self._dropout(path, x, factors), factors)
+        # The first member to run computes the whole group's deltas from one x·[A1 A2 ...].
         entry = self._shared.get(group)
         if entry is None or entry[0] is not x:
-            members = [lookup(p) for p in group]
-            xa = layer.down(x, jnp.concatenate([m.a for m in members], axis=-1))
-            bounds, start = {}, 0
-            for p, m in zip(group, members, strict=True):
-                bounds[p] = slice(start, start + m.rank)
-                start += m.rank
-            entry = self._shared[group] = (x, xa, bounds)
-        return factors.scale * layer.up(entry[1][..., entry[2][path]], factors.b)
+            member_paths = [p for p, _ in group]
+            deltas = layer.dense_deltas(
+                x, [lookup(p) for p in member_paths], [dims for _, dims in group]
+            )
+            entry = self._shared[group] = (x, dict(zip(member_paths, deltas, strict=True)))
+        return entry[1][path]
 
     def _dropout(self, path, x, factors: Factors):
         if not factors.dropout or self.rng is None or layer_is_lookup(x):
@@ -111,20 +110,20 @@ class _Pass:
         keep = jax.random.bernoulli(key, 1.0 - factors.dropout, x.shape)
         return jnp.where(keep, x / (1.0 - factors.dropout), 0).astype(x.dtype)
 
-    def groups_found(self) -> dict[str, tuple[str, ...]]:
-        """Adapted layers that read the same input object, keyed by each member's path."""
+    def groups_found(self) -> dict[str, tuple[tuple[str, tuple[int, ...]], ...]]:
+        """Adapted layers that read the same input object: path -> ((path, out_dims), ...)."""
         seen: dict[str, int] = {}
         for c in self.calls:
             seen[c.path] = seen.get(c.path, 0) + 1
-        buckets: dict[tuple, list[str]] = {}
+        buckets: dict[tuple, list] = {}
         for c in self.calls:
             # A kernel used more than once (weight sharing) is never grouped.
             if c.group_key is not None and seen[c.path] == 1:
-                buckets.setdefault((id(c.x), c.group_key), []).append(c.path)
+                buckets.setdefault((id(c.x), c.group_key), []).append((c.path, c.layer.out_dims))
         groups = {}
         for members in buckets.values():
             if len(members) > 1:
-                for p in members:
+                for p, _ in members:
                     groups[p] = tuple(members)
         return groups
 

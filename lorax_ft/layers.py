@@ -12,7 +12,10 @@ several adapters reading the same input can share it: `down(x, concat(A1, A2, ..
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+import itertools
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -62,53 +65,93 @@ class Layer:
         return factors.a.shape == (fan_in, r) and factors.b.shape == (r, fan_out)
 
     def group_key(self, factors: Factors) -> tuple | None:
-        """Adapters with equal keys reading the same input can share one `down` matmul."""
+        """Adapters with equal keys reading the same input can share one x·[A1 A2 ...] matmul."""
         if self.kind != "dense" or factors.dropout:
             return None
         return (self.contract, self.features[0], self.dtype, self.precision)
 
-    def down(self, x: jax.Array, a: jax.Array) -> jax.Array:
-        """x → x·A, the rank-r intermediate (A may hold several adapters' columns)."""
-        dtype = self.dtype or jnp.result_type(x, a)
-        x, a = x.astype(dtype), a.astype(dtype)
-        if self.kind == "dense":
-            rest = [i for i in range(x.ndim) if i not in self.contract]
-            x = jnp.transpose(x, (*rest, *self.contract))
-            x = x.reshape((*x.shape[: len(rest)], -1))
-            return jnp.matmul(x, a, precision=self.precision)
-        if self.kind == "conv":
-            return self.conv(x, a.reshape((*self.kernel_shape[:-1], a.shape[-1])))
-        if self.kind == "einsum":
-            (lhs, _), (kin, _), keep, rank = _einsum_parts(self.einsum)
-            a = a.reshape((*self.kernel_shape[: self.inputs], a.shape[-1]))
-            return jnp.einsum(f"{lhs},{kin}{rank}->{keep}{rank}", x, a, precision=self.precision)
-        raise ValueError(f"layer kind {self.kind!r} has no separate down projection")
+    @property
+    def out_dims(self) -> tuple[int, ...]:
+        return tuple(self.kernel_shape[self.inputs :])
 
-    def up(self, xa: jax.Array, b: jax.Array) -> jax.Array:
-        """x·A → x·A·B, shaped like the layer's output."""
-        b = b.astype(xa.dtype)
-        if self.kind == "einsum":
-            (_, out), (_, kout), keep, rank = _einsum_parts(self.einsum)
-            b = b.reshape((b.shape[0], *self.kernel_shape[self.inputs :]))
-            return jnp.einsum(f"{keep}{rank},{rank}{kout}->{out}", xa, b, precision=self.precision)
-        y = jnp.matmul(xa, b, precision=self.precision)
-        if self.kind == "dense":
-            y = y.reshape((*xa.shape[:-1], *self.kernel_shape[self.inputs :]))
-        return y
+    def dense_deltas(self, x, factors: Sequence[Factors], out_dims: Sequence[tuple[int, ...]]):
+        """scale_i · x·A_i·B_i for adapters reading the same input x of a dense-kind layer.
+
+        Args:
+          x: the layer input.
+          factors: one or more adapters whose kernels contract the same axes of x.
+          out_dims: each adapter's kernel output dims, to shape its delta like its layer output.
+        """
+        dtype = self.dtype or jnp.result_type(x, factors[0].a)
+        rest = [i for i in range(x.ndim) if i not in self.contract]
+        x = jnp.transpose(x, (*rest, *self.contract))
+        lead = x.shape[: len(rest)]
+        x2 = x.reshape((math.prod(lead), -1)).astype(dtype)
+        a = jnp.concatenate([f.a for f in factors], axis=-1).astype(dtype)
+        bs = tuple((f.scale * f.b).astype(dtype) for f in factors)
+        deltas = _low_rank(x2, a, bs, self.precision)
+        return [d.reshape((*lead, *dims)) for d, dims in zip(deltas, out_dims, strict=True)]
 
     def delta(self, x: jax.Array, factors: Factors) -> jax.Array:
         """scale · x·A·B for one adapter (dropout, if any, is applied to x by the caller)."""
+        # The scale goes on the small B, never on a (tokens × features) activation.
+        dtype = self.dtype or jnp.result_type(x, factors.a)
+        a, b = factors.a.astype(dtype), (factors.scale * factors.b).astype(dtype)
+        mm = functools.partial(jnp.matmul, precision=self.precision)
+        if self.kind == "dense":
+            return self.dense_deltas(x, [factors], [self.out_dims])[0]
         if self.kind == "embed":
-            xa = jnp.take(factors.a, x, axis=0)
-            return factors.scale * self.up(xa.astype(self.dtype or xa.dtype), factors.b)
-        if self.kind == "attend":
-            # x @ (A·B).T = (x @ B.T) @ A.T
-            dtype = self.dtype or jnp.result_type(x, factors.a)
-            xb = jnp.matmul(x.astype(dtype), factors.b.T.astype(dtype), precision=self.precision)
-            return factors.scale * jnp.matmul(
-                xb, factors.a.T.astype(dtype), precision=self.precision
+            return mm(jnp.take(a, x, axis=0), b)
+        if self.kind == "attend":  # x @ (A·B).T = (x @ B.T) @ A.T
+            return mm(mm(x.astype(dtype), b.T), a.T)
+        if self.kind == "conv":
+            return mm(self.conv(x.astype(dtype), a.reshape((*self.kernel_shape[:-1], -1))), b)
+        if self.kind == "einsum":
+            (lhs, out), (k_in, k_out), keep, r = _einsum_parts(self.einsum)
+            a = a.reshape((*self.kernel_shape[: self.inputs], -1))
+            b = b.reshape((-1, *self.out_dims))
+            xa = jnp.einsum(
+                f"{lhs},{k_in}{r}->{keep}{r}", x.astype(dtype), a, precision=self.precision
             )
-        return factors.scale * self.up(self.down(x, factors.a), factors.b)
+            return jnp.einsum(f"{keep}{r},{r}{k_out}->{out}", xa, b, precision=self.precision)
+        raise ValueError(f"unknown layer kind {self.kind!r}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank(x, a, bs, precision):
+    """(x·A)[:, block i]·B_i for each i: x (N, in), A (in, Σr), B_i (r_i, out_i)."""
+    return _low_rank_fwd(x, a, bs, precision)[0]
+
+
+def _low_rank_fwd(x, a, bs, precision):
+    xa = jnp.matmul(x, a, precision=precision)
+    outs = tuple(
+        jnp.matmul(xa_i, b, precision=precision)
+        for xa_i, b in zip(_blocks(xa, bs), bs, strict=True)
+    )
+    return outs, (x, a, bs, xa)
+
+
+def _low_rank_bwd(precision, residuals, grads):
+    # Every product is written as a plain (M, K) @ (K, N) matmul, transposing only rank-sized
+    # operands: autodiff would contract over the token axis of the big activations instead,
+    # which XLA:CPU runs several times slower than the row-major form.
+    x, a, bs, xa = residuals
+    mm = functools.partial(jnp.matmul, precision=precision)
+    d_bs = tuple(mm(xa_i.T, g) for xa_i, g in zip(_blocks(xa, bs), grads, strict=True))
+    d_xa = jnp.concatenate([mm(g, b.T) for g, b in zip(grads, bs, strict=True)], axis=-1)
+    d_a = mm(d_xa.T, x).T
+    d_x = mm(d_xa, a.T)
+    return d_x, d_a, d_bs
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def _blocks(xa, bs):
+    """Splits the columns of x·A into each adapter's rank-sized block."""
+    ends = itertools.accumulate(b.shape[0] for b in bs)
+    return [xa[:, end - b.shape[0] : end] for b, end in zip(bs, ends, strict=True)]
 
 
 def _einsum_parts(equation: str):
