@@ -62,6 +62,9 @@ def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule | None = None,
+    *,
+    grad_accum: int = 1,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the step for `apply_fn(params, adapters, *inputs, lora_rng=..., **kw)`.
 
@@ -71,6 +74,10 @@ def make_train_step(
         step's variables, `rng` is this step's key (for the model's own dropout).
       tx: the optimizer, e.g. `lorax_ft.optim.make_optimizer(config, labels)`.
       schedule: when given, the learning rate is reported as `metrics["lr"]`.
+      grad_accum: split the batch into this many micro-batches along its leading axis and average
+        their gradients (a `lax.scan`, so memory is that of one micro-batch).
+      skip_nonfinite: leave params and optimizer state unchanged when the loss or the gradient
+        norm is not finite (`metrics["skipped"]` says so) instead of applying the update.
 
     Returns:
       `step(state, batch) -> (state, metrics)` with `loss`, `grad_norm` and the loss_fn's metrics.
@@ -87,14 +94,39 @@ def make_train_step(
 
         return loss_fn(model, batch, model_rng)
 
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def accumulated(trainable, frozen, batch, rng):
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+        def body(carry, inputs):
+            index, micro_batch = inputs
+            out = grad_fn(trainable, frozen, micro_batch, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, out), None
+
+        shapes = jax.eval_shape(
+            grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng
+        )
+        zeros = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes)
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+        return jax.tree.map(lambda x: x / grad_accum, total)
+
     def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state.trainable, state.frozen, batch, rng
-        )
+        if grad_accum == 1:
+            (loss, aux), grads = grad_fn(state.trainable, state.frozen, batch, rng)
+        else:
+            (loss, aux), grads = accumulated(state.trainable, state.frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jnp.where(finite, new, old)
+            trainable = jax.tree.map(keep, trainable, state.trainable)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+            metrics["skipped"] = (~finite).astype(jnp.int32)
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)

@@ -97,7 +97,7 @@ def test_lora_steps_change_only_trainable_leaves(scan):
 
 
 def test_optimizer_over_all_variables_gives_frozen_leaves_no_state():
-    model, params, adapters, _ = _setup(LORA_SPEC)
+    _, params, adapters, _ = _setup(LORA_SPEC)
     variables = {"params": params, "lora": adapters}
     labels = lf.variable_labels(params, adapters, LORA_SPEC)
     tx = optim.make_optimizer(_config(), labels)
@@ -168,5 +168,39 @@ def test_schedules():
             assert float(schedule(5)) == pytest.approx(0.5)
             assert float(schedule(110)) == pytest.approx(0.1)
     config.name = "exponential"
-    with pytest.raises(ValueError, match="schedule.name='exponential' is not one of"):
+    with pytest.raises(ValueError, match=r"schedule\.name='exponential' is not one of"):
         optim.make_schedule(config)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    model, params, adapters, batches = _setup(LORA_SPEC)
+    batch = jnp.concatenate([batches[0], jnp.flip(batches[0], axis=1)])  # 8 distinct rows
+    labels = lf.variable_labels(params, adapters, LORA_SPEC)
+    config = _config("sgd")
+    tx = optim.make_optimizer(config, labels)
+    results = []
+    for accum in (1, 4):
+        variables = jax.tree.map(jnp.copy, {"params": params, "lora": adapters})
+        state = lf.init_state(variables, labels, tx, jax.random.key(2))
+        step = jax.jit(lf.make_train_step(lf.factored(model), _lm_loss, tx, grad_accum=accum))
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        results.append((state.trainable, metrics["loss"], metrics["grad_norm"]))
+    chex.assert_trees_all_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_nonfinite_step_is_skipped_when_asked():
+    model, params, adapters, batches = _setup(LORA_SPEC)
+    labels = lf.variable_labels(params, adapters, LORA_SPEC)
+    tx = optim.make_optimizer(_config(), labels)
+
+    def nan_loss(model, batch, rng):
+        loss, aux = _lm_loss(model, batch, rng)
+        return loss * jnp.nan, aux
+
+    state = lf.init_state({"params": params, "lora": adapters}, labels, tx, jax.random.key(2))
+    step = jax.jit(lf.make_train_step(lf.factored(model), nan_loss, tx, skip_nonfinite=True))
+    new_state, metrics = step(state, batches[0])
+    assert int(metrics["skipped"]) == 1 and int(new_state.step) == 1
+    chex.assert_trees_all_equal(new_state.trainable, state.trainable)
+    chex.assert_trees_all_equal(new_state.opt_state, state.opt_state)
