@@ -20,7 +20,8 @@ def _nonzero(adapters, seed=7):
     leaves, treedef = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(
-        treedef, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        treedef,
+        [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
     )
 
 
@@ -157,3 +158,29 @@ def test_lora_dropout_changes_training_outputs_only_with_rng():
     dropped = fn(params, adapters, x, lora_rng=jax.random.key(2))
     assert float(jnp.abs(dropped - deterministic).max()) > 1e-3
     np.testing.assert_array_equal(deterministic, fn(params, adapters, x))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_model_zoo_llama_scanned_with_remat_and_tied_embedding(remat):
+    from lorax_ft.models import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        scan_layers=True, remat=remat,
+    )  # fmt: skip
+    ids = jax.random.randint(jax.random.key(3), (2, 7), 0, 64)
+    module = LlamaForCausalLM(config)
+    # LoRA on the tied table too: lookup and LM head must both see the adapted table.
+    spec = lf.Spec(
+        [(r".*_proj/kernel", lf.LoRA(rank=4, alpha=8)), (r".*embedding", lf.LoRA(rank=4))]
+    )
+    params = nn.unbox(module.init(jax.random.key(0), ids))["params"]
+    layouts = lf.infer_layouts(module, params, ids)
+    adapters = _nonzero(lora.init(jax.random.key(1), params, spec, layouts))
+    assert lora.factors_by_path(adapters)["model/layers/self_attn/k_proj/kernel"].a.shape == (
+        2, 32, 4,
+    )  # fmt: skip
+    factored = jax.jit(lf.factored(module))(params, adapters, ids)
+    by_hand = module.apply({"params": lf.paths.unflatten(_merged_by_hand(params, adapters))}, ids)
+    chex.assert_trees_all_close(factored, by_hand, atol=1e-5, rtol=1e-5)

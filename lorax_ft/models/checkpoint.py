@@ -1,0 +1,185 @@
+"""Hugging Face safetensors <-> parameter pytrees, driven by the module's own parameter paths.
+
+A parameter path maps to a HF tensor name mechanically: `/` -> `.`, the stack component
+`layers_N` -> `layers.N` (or, scanned, one `layers` leaf -> `layers.0 ... layers.{L-1}` stacked),
+leaf `kernel`/`embedding`/`scale` -> `weight` (old LayerNorms: `gamma`), `bias` -> `bias` (`beta`).
+Kernels are HF weights transposed, except GPT-2's Conv1D. Tensor names may lack or carry the
+base-model prefix (`model.`, `transformer.`, `bert.`); both are accepted.
+
+Example:
+    >>> tensors = to_hf_tensors(params, LLAMA, cfg)
+    >>> tensors["model.layers.0.self_attn.q_proj.weight"].shape
+    (64, 64)
+"""
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import safe_open
+
+from lorax_ft.models.families import Family
+
+_LEAF_NAMES = {
+    "kernel": ("weight",),
+    "embedding": ("weight",),
+    "scale": ("weight", "gamma"),
+    "bias": ("bias", "beta"),
+}
+
+
+class SafetensorsDir:
+    """The tensors of `model.safetensors` or of the shards a `model.safetensors.index.json` lists."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self.file_of = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+        elif os.path.exists(single):
+            with safe_open(single, framework="numpy") as f:
+                self.file_of = dict.fromkeys(f.keys(), single)
+        else:
+            raise FileNotFoundError(
+                f"no model.safetensors or model.safetensors.index.json in {directory}"
+            )
+        self.name = directory
+        self._handles: dict[str, Any] = {}
+
+    def get(self, key: str) -> np.ndarray:
+        path = self.file_of[key]
+        if path not in self._handles:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"missing checkpoint shard {path} (listed for {key})")
+            self._handles[path] = safe_open(path, framework="numpy")
+        return self._handles[path].get_tensor(key)
+
+
+def _leaf_paths(tree: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        yield tuple(k.key for k in path), leaf
+
+
+def _hf_base(path: tuple[str, ...], family: Family, layer: int | None) -> tuple[str, ...]:
+    """HF name components (leaf excluded) of a parameter path; `layer` expands a scanned stack."""
+    out = []
+    pattern = re.compile(rf"^{family.stack_name}_(\d+)$")
+    for comp in path[:-1]:
+        match = pattern.match(comp)
+        if match:
+            out += [family.stack_name, match.group(1)]
+        elif comp == family.stack_name and layer is not None:
+            out += [family.stack_name, str(layer)]
+        else:
+            out.append(comp)
+    return tuple(out)
+
+
+def _candidates(base: tuple[str, ...], leaf: str, family: Family) -> list[str]:
+    bases = [base]
+    if base[0] in family.base_prefixes:
+        bases.append(base[1:])
+    else:
+        bases += [(p, *base) for p in family.base_prefixes]
+    return [".".join((*b, name)) for name in _LEAF_NAMES[leaf] for b in bases]
+
+
+def _is_stacked(path: tuple[str, ...], family: Family, cfg: Any) -> bool:
+    return cfg.scan_layers and family.stack_name in path[:-1]
+
+
+def _from_hf(array: np.ndarray, leaf: str, family: Family) -> np.ndarray:
+    return array.T if leaf == "kernel" and family.transpose_kernels else array
+
+
+def _hf_shape(shape: tuple[int, ...], leaf: str, family: Family) -> tuple[int, ...]:
+    return tuple(shape[::-1]) if leaf == "kernel" and family.transpose_kernels else tuple(shape)
+
+
+def read_params(
+    source: Any,
+    abstract: Any,
+    family: Family,
+    cfg: Any,
+    shardings: Any = None,
+) -> Any:
+    """Reads every parameter of `abstract` (a shape/dtype pytree) from a HF safetensors directory.
+
+    Args:
+      source: a HF model directory, or a store: an object with `name`, `file_of` (HF tensor name ->
+        file) and `get(name) -> np.ndarray` in HF layout (see `gguf_llama.GgufTensors`).
+      abstract: `jax.ShapeDtypeStruct` pytree of the parameters, e.g. from `jax.eval_shape`.
+      family: the model family (naming rules).
+      cfg: the model config (scan_layers, number of layers).
+      shardings: optional pytree of `jax.sharding.Sharding` (or None leaves) shaped like `abstract`;
+        each tensor is `jax.device_put` onto its sharding as soon as it is read.
+
+    Returns:
+      The parameter pytree, in `abstract`'s dtypes.
+
+    Raises:
+      KeyError: a parameter has no tensor in the checkpoint.
+      ValueError: a tensor's shape disagrees with the config.
+    """
+    store = SafetensorsDir(source) if isinstance(source, str) else source
+    used: set[str] = set()
+
+    def read_one(path, layer, shape):
+        base = _hf_base(path, family, layer)
+        for key in _candidates(base, path[-1], family):
+            if key in store.file_of:
+                used.add(key)
+                array = _from_hf(store.get(key), path[-1], family)
+                if array.shape != shape:
+                    # Report the tensor as stored, so the numbers match what the file says.
+                    raise ValueError(
+                        f"{store.file_of[key]}: tensor {key} has shape "
+                        f"{_hf_shape(array.shape, path[-1], family)} but the config implies "
+                        f"{_hf_shape(shape, path[-1], family)}"
+                    )
+                return array
+        name = ".".join((*base, _LEAF_NAMES[path[-1]][0]))
+        raise KeyError(f"{store.name}: checkpoint has no tensor {name} (for {'/'.join(path)})")
+
+    def load(path, spec, sharding):
+        if _is_stacked(path, family, cfg):
+            layer_shape = tuple(spec.shape[1:])
+            array = np.stack([read_one(path, i, layer_shape) for i in range(spec.shape[0])])
+        else:
+            array = read_one(path, None, tuple(spec.shape))
+        array = array.astype(spec.dtype)
+        return jax.device_put(array, sharding) if sharding is not None else jax.numpy.asarray(array)
+
+    flat_shardings = None
+    if shardings is not None:
+        flat_shardings = jax.tree.structure(abstract).flatten_up_to(shardings)
+    leaves = []
+    for i, (path, spec) in enumerate(_leaf_paths(abstract)):
+        leaves.append(load(path, spec, None if flat_shardings is None else flat_shardings[i]))
+    unused = sorted(set(store.file_of) - used)
+    if unused:
+        logging.info(
+            "%s: %d checkpoint tensors unused, e.g. %s", store.name, len(unused), unused[:3]
+        )
+    return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+
+
+def to_hf_tensors(params: Any, family: Family, cfg: Any) -> dict[str, np.ndarray]:
+    """HF-named numpy tensors (`(out, in)` Linear weights, stacks unrolled) for `params`."""
+    out = {}
+    for path, value in _leaf_paths(params):
+        array = np.asarray(jax.device_get(value))
+        layers = range(array.shape[0]) if _is_stacked(path, family, cfg) else [None]
+        for layer in layers:
+            base = _hf_base(path, family, layer)
+            name = ".".join((*base, _LEAF_NAMES[path[-1]][0]))
+            part = array if layer is None else array[layer]
+            out[name] = np.ascontiguousarray(_from_hf(part, path[-1], family))
+    return out

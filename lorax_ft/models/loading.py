@@ -1,0 +1,76 @@
+"""`load_pretrained`: a local Hugging Face model directory (or a preset name) -> Flax module + params.
+
+Example:
+    >>> module, params, cfg, tokenizer = load_pretrained("/models/smollm2", dtype=jnp.bfloat16,
+    ...                                                  scan_layers=True)
+    >>> logits = module.apply({"params": params}, input_ids)
+"""
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+from tokenizers import Tokenizer
+
+from lorax_ft.models import presets
+from lorax_ft.models.abstract import abstract_params
+from lorax_ft.models.checkpoint import SafetensorsDir, read_params
+from lorax_ft.models.families import BERT, family_for_model_type
+
+
+def load_pretrained(
+    name_or_path: str,
+    dtype: Any = jnp.float32,
+    shardings: Any = None,
+    **overrides: Any,
+) -> tuple[Any, Any, Any, Tokenizer | None]:
+    """Loads a model from a HF directory (config.json + safetensors) or a preset name.
+
+    Args:
+      name_or_path: a directory holding config.json and model.safetensors (or a sharded
+        model.safetensors.index.json), or a name in `presets.PRESETS`.
+      dtype: computation dtype and, unless `param_dtype=` is given in `overrides`, parameter
+        dtype (e.g. `dtype=jnp.bfloat16, param_dtype=jnp.float32` keeps float32 weights).
+      shardings: optional pytree of `jax.sharding.Sharding` shaped like the params (see
+        `abstract.logical_axes`); each tensor is placed as it is read.
+      **overrides: runtime config fields, e.g. `scan_layers=True`, `remat="full"`.
+
+    Returns:
+      `(module, params, config, tokenizer)`: apply with `module.apply({"params": params}, ...)`;
+      tokenizer is a `tokenizers.Tokenizer` from tokenizer.json, or None when there is none.
+
+    Raises:
+      FileNotFoundError: the directory, config.json or the weights are missing.
+      ValueError: unknown model_type, unsupported option, or a tensor shape that disagrees with
+        config.json.
+    """
+    overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
+    if name_or_path in presets.PRESETS:
+        return presets.load_preset(name_or_path, shardings=shardings, **overrides)
+    if not os.path.isdir(name_or_path):
+        raise FileNotFoundError(
+            f"{name_or_path} is neither a model directory nor a preset name "
+            f"({', '.join(sorted(presets.PRESETS))})"
+        )
+    return load_hf_directory(name_or_path, shardings=shardings, **overrides)
+
+
+def load_hf_directory(directory: str, shardings: Any = None, **overrides: Any):
+    """`load_pretrained` for a directory; `overrides` are config fields (dtype included)."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"missing {config_path}")
+    with open(config_path) as f:
+        hf = json.load(f)
+    family = family_for_model_type(hf.get("model_type"))
+    store = SafetensorsDir(directory)
+    if family is BERT and not any("pooler" in k.split(".") for k in store.file_of):
+        # config.json does not record add_pooling_layer; the checkpoint's tensors do.
+        overrides = {"add_pooling_layer": False, **overrides}
+    cfg = family.from_hf(hf, **overrides)
+    module = family.build(cfg, hf)
+    params = read_params(store, abstract_params(module), family, cfg, shardings)
+    tokenizer_path = os.path.join(directory, "tokenizer.json")
+    tokenizer = Tokenizer.from_file(tokenizer_path) if os.path.exists(tokenizer_path) else None
+    return module, params, cfg, tokenizer

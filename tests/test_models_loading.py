@@ -1,0 +1,141 @@
+"""load_pretrained: sharded checkpoints, placement with shardings, config forms, and clear errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from safetensors.numpy import save_file
+
+from lorax_ft.models import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    abstract_params,
+    load_pretrained,
+    logical_axes,
+)
+from lorax_ft.models.checkpoint import to_hf_tensors
+from lorax_ft.models.export import save_pretrained
+from lorax_ft.models.families import LLAMA
+from lorax_ft.models.hf_config import llama_from_hf
+
+CFG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def _params(module):
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), abstract_params(module))
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    module = LlamaForCausalLM(CFG)
+    params = _params(module)
+    save_pretrained(str(tmp_path), module, params)
+    return tmp_path, params
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_sharded_checkpoint_and_shardings(model_dir):
+    path, params = model_dir
+    tensors = to_hf_tensors(params, LLAMA, CFG)
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(path / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    rules = (("embed", "data"), ("heads", "model"), ("kv", "model"), ("mlp", "model"))
+    shardings = nn.logical_to_mesh_sharding(logical_axes(LlamaForCausalLM(CFG)), mesh, rules)
+    _, loaded, _, _ = load_pretrained(str(path), shardings=shardings)
+    q = loaded["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("data", "model")
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_bfloat16_load(model_dir):
+    path, _ = model_dir
+    _, loaded, cfg, _ = load_pretrained(str(path), dtype=jnp.bfloat16)
+    assert cfg.dtype == jnp.bfloat16
+    assert loaded["lm_head"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_rope_config_forms_agree():
+    base = {
+        "model_type": "llama",
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    v4 = llama_from_hf({**base, "rope_theta": 5e5, "rope_scaling": scaling})
+    v5 = llama_from_hf({**base, "rope_parameters": {**scaling, "rope_theta": 5e5}})
+    assert v4.rope == v5.rope and v4.rope.rope_type == "llama3" and v4.rope.theta == 5e5
+    assert llama_from_hf(base).rope.theta == 10000.0
+
+
+def test_unknown_model_type(model_dir):
+    path, _ = model_dir
+    _edit_config(path, model_type="t5")
+    with pytest.raises(ValueError, match=r"unknown model_type 't5'; valid: bert, gpt2, llama"):
+        load_pretrained(str(path))
+
+
+def test_missing_files(tmp_path, model_dir):
+    with pytest.raises(FileNotFoundError, match="nowhere is neither a model directory"):
+        load_pretrained(str(tmp_path / "nowhere"))
+    path, _ = model_dir
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        load_pretrained(str(path))
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load_pretrained(str(path))
+
+
+def test_shape_mismatch_names_file_tensor_and_shapes(model_dir):
+    path, _ = model_dir
+    _edit_config(path, intermediate_size=40)
+    with pytest.raises(ValueError) as err:
+        load_pretrained(str(path))
+    assert str(err.value).endswith(
+        "model.safetensors: tensor model.layers.0.mlp.down_proj.weight has shape (32, 48) "
+        "but the config implies (32, 40)"
+    )
+
+
+def test_missing_tensor_is_named(model_dir):
+    path, params = model_dir
+    tensors = to_hf_tensors(params, LLAMA, CFG)
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=r"model\.norm\.weight"):
+        load_pretrained(str(path))
