@@ -84,7 +84,7 @@ def test_lora_on_a_non_kernel(path):
 
 def test_lora_on_a_stacked_bias_is_still_not_a_kernel():
     stacked = {"layers": {"dense": {"bias": jnp.zeros((3, 8)), "kernel": jnp.zeros((3, 8, 8))}}}
-    with pytest.raises(lf.SpecError, match="'layers/dense/bias' with shape \\(3, 8\\)"):
+    with pytest.raises(lf.SpecError, match=r"'layers/dense/bias' with shape \(3, 8\)"):
         lf.Spec([(r".*", lf.LoRA(rank=2))]).resolve(stacked)
 
 
@@ -102,7 +102,7 @@ def test_rank_above_min_features():
 
 def test_strict_coverage():
     spec = lf.Spec([(r".*kernel", lf.Train())], strict=True)
-    with pytest.raises(lf.SpecError, match="'head/kernel'|'layers_0/attn/q_proj/bias'"):
+    with pytest.raises(lf.SpecError, match=r"'head/kernel'|'layers_0/attn/q_proj/bias'"):
         spec.resolve(PARAMS)
     with pytest.raises(lf.SpecError, match="matched by no rule and the spec is strict"):
         spec.resolve(PARAMS)

@@ -1,0 +1,55 @@
+r"""SmolLM2-135M-Instruct, LoRA on the chatterbot-en question/answer pairs (ChatML, answer-only loss).
+
+    lorax-ft train --config=configs/smollm2_chatterbot.py --workdir=/tmp/chat
+    lorax-ft generate --config=configs/smollm2_chatterbot.py --workdir=/tmp/chat --prompt="Hi"
+
+Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a short smoke run.
+"""
+
+from lorax_ft.config import default_config
+
+
+def get_config(arg: str | None = None):
+    args = set((arg or "lora").split(","))
+    if args - {"lora", "full", "tiny"} or {"lora", "full"} <= args:
+        raise ValueError(f"smollm2_chatterbot arguments are lora|full[,tiny], got {arg!r}")
+    config = default_config()
+    config.model.preset = "smollm2-135m-instruct"  # Q4_1 GGUF, dequantized to float32
+    config.model.task = "causal_lm"
+    config.model.scan_layers = True  # 30 identical layers: compile one
+
+    config.data.kind = "chat"
+    config.data.name = "chatterbot-en"
+    config.data.chat_format = "chatml"  # SmolLM2-Instruct's template
+    config.data.max_length = 64  # the pairs are short
+
+    config.peft.mode = "full" if "full" in args else "lora"
+    config.peft.targets = "all-linear"
+    config.peft.rank = 16
+    config.peft.alpha = 32.0
+
+    config.schedule.name = "warmup_cosine"
+    config.schedule.lr = 5e-4 if config.peft.mode == "lora" else 5e-5
+    config.schedule.warmup_steps = 20
+    config.train.batch_size = 16
+    config.train.eval_batch_size = 32
+    config.train.steps = 300
+    config.train.eval_every = 100
+    config.train.checkpoint_every = 100
+    config.train.sample_prompts = ("What is your name?", "Do you like music?")
+    config.train.max_new_tokens = 24
+
+    if "tiny" in args:
+        config.data.max_length = 16
+        config.train.batch_size = 8
+        config.train.eval_batch_size = 8
+        config.train.steps = 2
+        config.train.eval_every = 0
+        config.train.eval_steps = 1
+        config.train.log_every = 1
+        config.train.checkpoint_every = 2
+        config.train.sample_prompts = ("Hi",)
+        config.train.max_new_tokens = 2
+        config.schedule.warmup_steps = 1
+    config.schedule.total_steps = config.train.steps
+    return config

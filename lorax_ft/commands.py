@@ -1,0 +1,91 @@
+"""What `lorax-ft eval`, `generate` and `export` do with a trained workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from safetensors.numpy import save_file
+
+from lorax_ft import lora
+from lorax_ft.checkpointing import Checkpointer, CheckpointMismatchError, fingerprint
+from lorax_ft.config import ConfigError
+from lorax_ft.spec import SpecError
+
+USER_ERRORS = (ConfigError, SpecError, CheckpointMismatchError, FileNotFoundError, ValueError)
+
+
+def restore(config, workdir):
+    """(task, state, eval_step) with the newest checkpoint of `workdir` restored."""
+    from lorax_ft.trainer import setup
+
+    task, _, state, _, eval_step = setup(config)
+    checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
+    if checkpoints.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
+    state, _ = checkpoints.restore(state, base=fingerprint(task.params))
+    checkpoints.close()
+    return task, state, eval_step
+
+
+def evaluate_checkpoint(config, workdir) -> dict:
+    from lorax_ft.trainer import evaluate
+
+    task, state, eval_step = restore(config, workdir)
+    return {"step": int(state.step), **evaluate(config, task, eval_step, state)}
+
+
+def generate(config, workdir, prompts) -> dict:
+    if config.model.task != "causal_lm":
+        raise ValueError(f"generate needs model.task='causal_lm', not {config.model.task!r}")
+    task, state, _ = restore(config, workdir)
+    params = lora.merge(state.variables["params"], state.variables["lora"])
+    texts = generate_texts(task, params, prompts or ["Hello"], config.train.max_new_tokens)
+    return {"step": int(state.step), "samples": dict(zip(prompts, texts, strict=True))}
+
+
+def generate_texts(task, params, prompts, max_new_tokens) -> list[str]:
+    """Greedy continuations of `prompts` (plain text) with the task's tokenizer."""
+    from lorax_ft.models.generate import Sampling
+    from lorax_ft.models.generate import generate as generate_tokens
+
+    ids = [task.tokenizer.encode(p).ids for p in prompts]
+    stops = tuple(getattr(task.model_config, "eos_token_ids", ()) or ())
+    sampling = Sampling(max_new_tokens=max_new_tokens, stop_tokens=stops)
+    out = generate_tokens(task.module, params, ids, sampling)
+    return [task.tokenizer.decode(list(np.asarray(row))) for row in out]
+
+
+def export(config, workdir, export_dir, adapters_only: bool) -> dict:
+    """The merged model as a Hugging Face directory, or the adapters alone, written atomically."""
+    from lorax_ft.main import replace_directory
+    from lorax_ft.models.export import save_pretrained
+
+    task, state, _ = restore(config, workdir)
+    variables = jax.device_get(state.variables)
+    if adapters_only:
+        factors = lora.factors_by_path(variables["lora"])
+
+        def write(directory):
+            tensors = {}
+            for path, f in factors.items():
+                tensors[f"{path}/lora_a"] = np.asarray(f.a)
+                tensors[f"{path}/lora_b"] = np.asarray(f.b)
+            trained = {
+                p: np.asarray(x) for p, x in lora.paths.flatten(state.trainable["params"]).items()
+            }
+            save_file({**tensors, **trained}, os.path.join(directory, "adapters.safetensors"))
+            meta = {p: {"scale": f.scale, "rank": f.rank} for p, f in factors.items()}
+            with open(os.path.join(directory, "adapter_config.json"), "w") as fh:
+                json.dump({"adapters": meta, "trained_fully": sorted(trained)}, fh, indent=2)
+
+    else:
+        merged = lora.merge(variables["params"], variables["lora"])
+
+        def write(directory):
+            save_pretrained(directory, task.module, merged, tokenizer=task.tokenizer)
+
+    replace_directory(export_dir, write)
+    return {"step": int(state.step), "export_dir": export_dir, "adapters_only": adapters_only}

@@ -1,0 +1,188 @@
+"""The experiment config: its sections, their defaults, validation, and the spec it describes.
+
+An experiment is a `configs/<name>.py` whose `get_config(arg)` starts from `default_config()` and
+changes what it needs. `validate` runs before anything heavy and raises `ConfigError`, one line
+naming the key and what would be valid, for an unknown key, a wrong type, a bad choice, a missing
+file or a batch that does not divide the devices.
+
+Sections: model, data, peft, optim, schedule, train, checkpoint, logging, mesh (see the comments
+in `default_config`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from lorax_ft import optim
+from lorax_ft.data import default_data_config
+from lorax_ft.models.lora_targets import lora_targets
+from lorax_ft.spec import FULL_FINETUNE, LoRA, Spec, Train
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key."""
+
+
+CHOICES = {
+    "model.task": ("classification", "causal_lm"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "peft.mode": ("lora", "full"),
+    "peft.init": ("kaiming", "gaussian"),
+    "optim.name": optim.OPTIMIZERS,
+    "schedule.name": optim.SCHEDULES,
+    "train.on_nonfinite": ("stop", "skip"),
+}
+
+
+def default_config() -> ConfigDict:
+    """Every key an experiment config may set, with its default."""
+    config = ConfigDict()
+    config.model = ConfigDict(
+        {
+            "preset": "",  # a named model shipped in a pip package (lorax_ft.models.presets)
+            "path": "",  # or a Hugging Face directory / GGUF file
+            "task": "classification",  # classification (encoder + head) or causal_lm
+            "dtype": "float32",  # compute dtype
+            "param_dtype": "float32",  # dtype the base weights are stored in
+            "scan_layers": False,
+            "remat": "none",
+            "classifier_pooling": "mean",  # classification: mean, cls or pooler
+            "classifier_dropout": 0.1,
+        }
+    )
+    config.data = default_data_config()
+    config.peft = ConfigDict(
+        {
+            "mode": "lora",  # lora, or full (every parameter trained)
+            # A preset of the model family (attention-qv, attention-all, all-linear) or a regex
+            # over parameter paths.
+            "targets": "all-linear",
+            "rank": 8,
+            "alpha": 16.0,
+            "dropout": 0.0,
+            "init": "kaiming",
+            "rslora": False,
+            "train": "",  # regex of leaves trained fully in LoRA mode (a new head, say)
+        }
+    )
+    config.optim = optim.default_optim_config()
+    config.schedule = optim.default_schedule_config()
+    config.train = ConfigDict(
+        {
+            "batch_size": 32,  # global, across all devices and processes
+            "eval_batch_size": 64,
+            "steps": 100,
+            "grad_accum": 1,  # micro-batches per optimizer step (batch_size = their total)
+            "seed": 0,
+            "log_every": 10,
+            "eval_every": 0,  # 0: evaluate before training and at the end only
+            "eval_steps": 0,  # 0: the whole eval split
+            "checkpoint_every": 50,
+            "on_nonfinite": "stop",  # stop (keep the last good checkpoint) or skip the step
+            # causal_lm: prompts (user messages for chat data) completed before and after training
+            "sample_prompts": (),
+            "max_new_tokens": 32,
+        }
+    )
+    config.checkpoint = ConfigDict({"keep": 2, "use_async": True})
+    config.logging = ConfigDict({"tensorboard": True, "plots": True, "progress": True})
+    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    return config
+
+
+def validate(config: ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError on the first problem found."""
+    _check_keys(config, default_config(), "")
+    for key, valid in CHOICES.items():
+        section, name = key.split(".")
+        if config[section][name] not in valid:
+            raise ConfigError(f"{key}={config[section][name]!r} is not one of {valid}")
+    model = config.model
+    if bool(model.preset) == bool(model.path):
+        raise ConfigError("set exactly one of model.preset (a named model) and model.path")
+    if model.path and not os.path.exists(model.path):
+        raise ConfigError(f"model.path={model.path!r} does not exist")
+    for key in ("path", "train_path", "eval_path"):
+        value = config.data.get(key)
+        if value and not os.path.exists(value):
+            raise ConfigError(f"data.{key}={value!r} does not exist")
+    train = config.train
+    for key in ("batch_size", "eval_batch_size", "steps", "grad_accum"):
+        if train[key] < 1:
+            raise ConfigError(f"train.{key}={train[key]} must be >= 1")
+    if config.peft.rank < 1:
+        raise ConfigError(f"peft.rank={config.peft.rank} must be >= 1")
+    if train.batch_size % train.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} is not divisible by "
+            f"train.grad_accum={train.grad_accum}"
+        )
+    if num_devices is not None:
+        micro = train.batch_size // train.grad_accum
+        for key, size in (
+            ("batch_size // grad_accum", micro),
+            ("eval_batch_size", train.eval_batch_size),
+        ):
+            if size % num_devices:
+                raise ConfigError(
+                    f"train.{key}={size} does not divide over the {num_devices} devices; use a "
+                    f"multiple of {num_devices}"
+                )
+
+
+def _check_keys(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(
+                f"unknown config key {name!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
+                + ", ".join(sorted(schema.keys()))
+            )
+        expected = schema[key]
+        if isinstance(expected, ConfigDict):
+            if not isinstance(value, ConfigDict):
+                raise ConfigError(f"config key {name!r} must be a section, got {value!r}")
+            _check_keys(value, expected, name + ".")
+        elif not _type_ok(value, expected):
+            raise ConfigError(
+                f"config key {name!r} must be {type(expected).__name__}, got "
+                f"{type(value).__name__} {value!r}"
+            )
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    if expected is None or value is None:
+        return True
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool)
+    if isinstance(expected, float):
+        return isinstance(value, int | float)
+    if isinstance(expected, tuple | list):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(expected))
+
+
+TARGET_PRESETS = ("attention-qv", "attention-all", "all-linear")
+
+
+def peft_spec(peft: ConfigDict, model_config: Any) -> Spec:
+    """The `Spec` a peft section describes; `model_config` resolves target presets."""
+    if peft.mode == "full":
+        return FULL_FINETUNE
+    action = LoRA(
+        rank=peft.rank, alpha=peft.alpha, init=peft.init, rslora=peft.rslora, dropout=peft.dropout
+    )
+    if peft.targets in TARGET_PRESETS:
+        targets = lora_targets(model_config, peft.targets)
+    else:
+        targets = (peft.targets,)
+    rules = [(pattern, action) for pattern in targets]
+    if peft.train:
+        rules.append((peft.train, Train()))
+    return Spec(rules)

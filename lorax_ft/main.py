@@ -1,0 +1,87 @@
+"""The `lorax-ft` command: train, eval, generate and export from one experiment config.
+
+lorax-ft train --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --config.peft.rank=16
+lorax-ft eval --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc
+lorax-ft generate --config=configs/smollm2_chat.py --workdir=/tmp/chat --prompt="Hi!"
+lorax-ft export --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --export_dir=/tmp/hf
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat for a batch).")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: the directory to write.")
+_ADAPTERS_ONLY = flags.DEFINE_bool(
+    "adapters_only", False, "export: write the LoRA adapters alone (safetensors), not the model."
+)
+COMMANDS = ("train", "eval", "generate", "export")
+
+
+def main(argv) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: lorax-ft {{{','.join(COMMANDS)}}} --config=... --workdir=...")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from lorax_ft import commands  # heavy imports only after the flags are known to be fine
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    try:
+        if argv[1] == "train":
+            from lorax_ft.trainer import train_and_evaluate
+
+            summary = train_and_evaluate(config, workdir)
+        elif argv[1] == "eval":
+            summary = commands.evaluate_checkpoint(config, workdir)
+        elif argv[1] == "generate":
+            summary = commands.generate(config, workdir, _PROMPT.value)
+        else:
+            if not _EXPORT_DIR.value:
+                raise app.UsageError("export needs --export_dir")
+            summary = commands.export(config, workdir, _EXPORT_DIR.value, _ADAPTERS_ONLY.value)
+    except commands.USER_ERRORS as e:
+        # Bad input is one clear line, not a traceback.
+        print(f"lorax-ft {argv[1]}: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, default=str))
+
+
+def replace_directory(target: str, write) -> None:
+    """Writes a directory atomically: `write(tmp)` fills a temporary sibling, then it is renamed.
+
+    An existing `target` is kept until the new one is complete, so a failure leaves it intact.
+    """
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(target, os.path.join(old, "x"))
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

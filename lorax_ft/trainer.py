@@ -1,0 +1,267 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, for LoRA and full fine-tuning alike.
+
+Re-running the same command resumes from the newest checkpoint in `workdir/checkpoints`; a run
+killed at any point and resumed ends with the same parameters and the same logged metrics
+(timing metrics aside) as one that was never interrupted, because the step's randomness comes
+from `fold_in(rng, step)`, the data iterator's state is checkpointed with the model, and the
+metrics logged after the restored step are dropped before training continues.
+
+Files in the workdir: `config.json` (the resolved config), `metrics.jsonl`, `tensorboard/`,
+`checkpoints/`, `plots/*.png` and `summary.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_ft import config as config_lib
+from lorax_ft import data, lora, optim, tasks
+from lorax_ft.checkpointing import Checkpointer, fingerprint
+from lorax_ft.factored import factored, infer_layouts
+from lorax_ft.metrics import MetricsWriter, plot_curves, read_metrics
+from lorax_ft.partition import variable_labels
+from lorax_ft.train_step import TrainState, init_state, make_train_step
+
+TIMING_KEYS = ("step_time_s", "tokens_per_s", "examples_per_s")
+"""Logged metrics that measure the machine, not the run: they differ between identical runs."""
+
+
+def setup(config):
+    """Everything a run needs before its first step: task, spec, state, step functions, data."""
+    config_lib.validate(config, jax.device_count())
+    classify = config.model.task == "classification"
+    task = tasks.build(config, num_labels=_num_labels(config.data) if classify else None)
+    spec = config_lib.peft_spec(config.peft, task.model_config)
+    layouts = infer_layouts(task.module, task.params, *task.example_inputs)
+    rng = jax.random.key(config.train.seed)
+    adapters = lora.init(jax.random.fold_in(rng, 1), task.params, spec, layouts)
+    labels = variable_labels(task.params, adapters, spec)
+    tx = optim.make_optimizer(config, labels)
+    schedule = optim.make_schedule(config.schedule)
+    state = init_state(
+        {"params": task.params, "lora": adapters}, labels, tx, jax.random.fold_in(rng, 2)
+    )
+    apply_fn = factored(task.module)
+    train_step = make_train_step(
+        apply_fn, task.loss_fn, tx, schedule,
+        grad_accum=config.train.grad_accum,
+        skip_nonfinite=config.train.on_nonfinite == "skip",
+    )  # fmt: skip
+
+    def eval_step(state: TrainState, batch):
+        variables = state.variables
+        model = lambda *a, **k: apply_fn(variables["params"], variables["lora"], *a, **k)
+        return task.eval_fn(model, batch)
+
+    return task, spec, state, jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+
+
+def _num_labels(data_config) -> int:
+    records = [record for _, record in data.load_records(data_config, "train")]
+    return len(data.label_vocabulary(records, data_config.labels))
+
+
+def evaluate(config, task, eval_step, state) -> dict:
+    """Eval metrics over the eval split (or its first `train.eval_steps` batches)."""
+    batches = data.make_pipeline(
+        config.data, task.tokenizer, split="eval", batch_size=config.train.eval_batch_size,
+        seed=config.train.seed, num_epochs=1, **task.data_kwargs,
+    )  # fmt: skip
+    totals = None
+    for index, batch in enumerate(batches):
+        if config.train.eval_steps and index >= config.train.eval_steps:
+            break
+        stats = jax.device_get(eval_step(state, batch))
+        totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
+    return task.summarize(totals)
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
+    """Trains as the config says, evaluating and checkpointing; returns the run summary."""
+    start_time = time.perf_counter()
+    workdir = Path(workdir)
+    task, _, state, train_step, eval_step = setup(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    is_writer = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_writer, tensorboard=config.logging.tensorboard)
+    checkpoints = Checkpointer(
+        workdir / "checkpoints", keep=config.checkpoint.keep, use_async=config.checkpoint.use_async
+    )
+    base = fingerprint(task.params)
+    train_data = data.make_pipeline(
+        config.data, task.tokenizer, split="train", batch_size=config.train.batch_size,
+        seed=config.train.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), **task.data_kwargs,
+    )  # fmt: skip
+
+    if checkpoints.latest_step() is not None:
+        state, data_state = checkpoints.restore(state, base=base)
+        train_data.set_state(data_state)
+        writer.truncate_after(int(state.step))
+    else:
+        writer.truncate_after(-1)
+    step = int(state.step)
+    if step == 0:
+        writer.write(0, evaluate(config, task, eval_step, state))
+        _write_samples(config, workdir, task, state, "before")
+
+    total_steps, times = config.train.steps, []
+    progress = _progress(config, step, total_steps)
+    while step < total_steps:
+        batch = next(train_data)
+        tick = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        metrics = jax.device_get(metrics)
+        times.append(time.perf_counter() - tick)
+        step += 1
+        _check_finite(config, metrics, step, checkpoints)
+        if step % config.train.log_every == 0 or step == total_steps:
+            examples = len(batch["input_ids"])
+            timing = {"step_time_s": times[-1], "examples_per_s": examples / times[-1]}
+            if "tokens" in metrics:
+                timing["tokens_per_s"] = float(metrics["tokens"]) / times[-1]
+            record = writer.write(step, {**metrics, **timing})
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+        every = config.train.eval_every
+        if (every and step % every == 0) or step == total_steps:
+            writer.write(step, evaluate(config, task, eval_step, state))
+        if step % config.train.checkpoint_every == 0 or step == total_steps:
+            checkpoints.save(state, data_state=train_data.get_state(), base=base)
+        progress.update(1)
+    progress.close()
+    _write_samples(config, workdir, task, state, "after")
+    checkpoints.wait()
+    writer.close()
+    summary = _summarize(config, workdir, task, state, times, time.perf_counter() - start_time)
+    if is_writer:
+        _write_reports(config, workdir, summary)
+    checkpoints.close()
+    return summary
+
+
+def _write_samples(config, workdir: Path, task, state, when: str) -> None:
+    """Greedy completions of `train.sample_prompts` into `samples.json` (causal LMs only)."""
+    prompts = list(config.train.sample_prompts)
+    if task.kind != "causal_lm" or not prompts or jax.process_index() != 0:
+        return
+    from lorax_ft.commands import generate_texts
+
+    variables = state.variables
+    params = lora.merge(variables["params"], variables["lora"])
+    texts = [generation_prompt(config.data, p) for p in prompts]
+    completions = generate_texts(task, params, texts, config.train.max_new_tokens)
+    path = workdir / "samples.json"
+    samples = json.loads(path.read_text()) if path.exists() else {}
+    samples[when] = dict(zip(prompts, completions, strict=True))
+    path.write_text(json.dumps(samples, indent=2) + "\n")
+
+
+def generation_prompt(data_config, text: str) -> str:
+    """A sample prompt as the model saw its training data: a user turn for chat data."""
+    kind = data_config.kind or data.named.named_dataset(data_config.name).kind
+    if kind != "chat":
+        return text
+    rendered = data.CHAT_FORMATS[data_config.chat_format]([{"role": "user", "content": text}])
+    return rendered + ("<|im_start|>assistant\n" if data_config.chat_format == "chatml" else "")
+
+
+def _check_finite(config, metrics, step, checkpoints) -> None:
+    if config.train.on_nonfinite == "stop" and not (
+        np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    ):
+        checkpoints.wait()
+        raise FloatingPointError(
+            f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
+            f"step {step}; the last good checkpoint is step {checkpoints.latest_step()} "
+            "(set train.on_nonfinite='skip' to skip such steps instead)"
+        )
+
+
+def _progress(config, start, total):
+    from tqdm import tqdm
+
+    disable = not config.logging.progress or jax.process_index() != 0
+    return tqdm(total=total, initial=start, disable=disable, unit="step", dynamic_ncols=True)
+
+
+def _summarize(config, workdir, task, state, times, wall_s) -> dict:
+    records = (
+        read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
+    )
+    evals = [r for r in records if any(k.startswith("eval_") for k in r)]
+    trainable = lora.count(state.trainable)
+    total = lora.count(task.params)
+    checkpoint_dir = workdir / "checkpoints" / str(int(state.step))
+    return {
+        "mode": config.peft.mode,
+        "steps": int(state.step),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "optimizer_state_bytes": optim.state_bytes(state.opt_state),
+        "checkpoint_bytes": _dir_bytes(checkpoint_dir),
+        "median_step_s": statistics.median(times[1:] or times) if times else None,
+        "eval_before": {k: v for k, v in evals[0].items() if k != "step"} if evals else {},
+        "eval_after": {k: v for k, v in evals[-1].items() if k != "step"} if evals else {},
+        "wall_s": wall_s,
+    }
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def _write_reports(config, workdir: Path, summary: dict) -> None:
+    records = read_metrics(workdir / "metrics.jsonl")
+    plots = []
+    if config.logging.plots:
+        plot_dir = workdir / "plots"
+        shutil.rmtree(plot_dir, ignore_errors=True)
+        plot_dir.mkdir()
+        keys_to_plot = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+        plots = plot_curves(keys_to_plot, plot_dir)
+    lines = [
+        f"# Run summary: {config.model.preset or config.model.path}, {summary['mode']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| steps | {summary['steps']} |",
+        f"| trainable params | {summary['trainable_params']:,} of {summary['total_params']:,} "
+        f"({summary['trainable_percent']:.2f}%) |",
+        f"| optimizer state | {summary['optimizer_state_bytes']:,} bytes |",
+        f"| checkpoint size | {summary['checkpoint_bytes']:,} bytes |",
+        f"| median step time | {summary['median_step_s'] or 0:.4f} s |",
+        f"| wall time | {summary['wall_s']:.1f} s |",
+    ]
+    for key in summary["eval_after"]:
+        before = summary["eval_before"].get(key, float("nan"))
+        lines.append(
+            f"| {key} (before → after) | {before:.4f} → {summary['eval_after'][key]:.4f} |"
+        )
+    samples_path = workdir / "samples.json"
+    if samples_path.exists():
+        lines += ["", "## Samples (greedy)", ""]
+        for when, completions in json.loads(samples_path.read_text()).items():
+            lines += [f"**{when}**", ""]
+            lines += [f"- `{p!r}` → `{c!r}`" for p, c in completions.items()]
+            lines.append("")
+    lines += ["", *[f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots], ""]
+    (workdir / "summary.md").write_text("\n".join(lines))
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any):
+    if isinstance(value, np.generic | jnp.ndarray):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
