@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -60,7 +62,6 @@ def generate_texts(task, params, prompts, max_new_tokens) -> list[str]:
 
 def export(config, workdir, export_dir, adapters_only: bool) -> dict:
     """The merged model as a Hugging Face directory, or the adapters alone, written atomically."""
-    from lorax_ft.main import replace_directory
     from lorax_ft.models.export import save_pretrained
 
     task, state, _ = restore(config, workdir)
@@ -89,3 +90,24 @@ def export(config, workdir, export_dir, adapters_only: bool) -> dict:
 
     replace_directory(export_dir, write)
     return {"step": int(state.step), "export_dir": export_dir, "adapters_only": adapters_only}
+
+
+def replace_directory(target: str, write) -> None:
+    """Writes a directory atomically: `write(tmp)` fills a temporary sibling, then it is renamed.
+
+    An existing `target` is kept until the new one is complete, so a failure leaves it intact.
+    """
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(target, os.path.join(old, "x"))
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

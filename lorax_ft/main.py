@@ -9,10 +9,7 @@ lorax-ft export --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --export_
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -57,30 +54,22 @@ def main(argv) -> None:
     print(json.dumps(summary, default=str))
 
 
-def replace_directory(target: str, write) -> None:
-    """Writes a directory atomically: `write(tmp)` fills a temporary sibling, then it is renamed.
-
-    An existing `target` is kept until the new one is complete, so a failure leaves it intact.
-    """
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+def _parse_flags(argv):
+    """absl's flag parsing, with every bad flag or override reported as one line."""
     try:
-        write(tmp)
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(target, os.path.join(old, "x"))
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except AttributeError as e:  # ml_collections: an override names a key the config lacks
+        detail = str(e).replace("\\n", " ").replace("\\'", "").strip("'\"")
+        message = f"unknown config key in an override: {detail}"
+    print(f"lorax-ft: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

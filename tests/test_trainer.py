@@ -123,3 +123,15 @@ def test_bad_config_is_one_line_and_touches_no_checkpoint(tiny_run, override, me
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("config", ["smollm2_chatterbot", "smollm2_shakespeare"])
+def test_smollm2_tiny_configs_train_and_sample(config, tmp_path):
+    lorax_ft("train", f"--config=configs/{config}.py:lora,tiny", f"--workdir={tmp_path}")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(r["tokens"] > 0 for r in records if "loss" in r)  # answer/text tokens were trained
+    perplexity = [r["eval_perplexity"] for r in records if "eval_perplexity" in r]
+    assert len(perplexity) == 2 and all(np.isfinite(perplexity))
+    samples = json.loads((tmp_path / "samples.json").read_text())
+    assert set(samples) == {"before", "after"} and all(samples["after"].values())
