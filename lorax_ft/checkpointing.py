@@ -49,7 +49,7 @@ class Checkpointer:
     """An orbax CheckpointManager for `TrainState` plus data-iterator state and base fingerprint."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, use_async: bool = True):
-        self.directory = os.fspath(directory)
+        self.directory = os.path.abspath(directory)  # orbax requires absolute paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=use_async, create=True
         )

@@ -40,11 +40,15 @@ def evaluate_checkpoint(config, workdir) -> dict:
 
 
 def generate(config, workdir, prompts) -> dict:
+    from lorax_ft.trainer import generation_prompt
+
     if config.model.task != "causal_lm":
         raise ValueError(f"generate needs model.task='causal_lm', not {config.model.task!r}")
     task, state, _ = restore(config, workdir)
     params = lora.merge(state.variables["params"], state.variables["lora"])
-    texts = generate_texts(task, params, prompts or ["Hello"], config.train.max_new_tokens)
+    prompts = prompts or ["Hello"]
+    rendered = [generation_prompt(config.data, p) for p in prompts]  # the chat template, if any
+    texts = generate_texts(task, params, rendered, config.train.max_new_tokens)
     return {"step": int(state.step), "samples": dict(zip(prompts, texts, strict=True))}
 
 

@@ -101,3 +101,30 @@ def test_bert_classifier_export_loads_in_transformers(tmp_path):
     np.testing.assert_allclose(
         jax.jit(module.apply)({"params": params}, IDS), theirs, atol=1e-4, rtol=1e-4
     )
+
+
+def test_lora_merged_export_round_trip(tmp_path):
+    """load → LoRA fine-tune state → merge → export → transformers logits == factored logits."""
+    import lorax_ft as lf
+    from lorax_ft import lora
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    base_dir, merged_dir = tmp_path / "base", tmp_path / "merged"
+    save_pretrained(str(base_dir), LlamaForCausalLM(cfg), _random_params(LlamaForCausalLM(cfg)))
+    module, params, _, _ = load_pretrained(str(base_dir))
+    spec = lf.Spec([(r".*_proj/kernel", lf.LoRA(rank=4, alpha=8))])
+    adapters = lora.init(jax.random.key(0), params, spec, lf.infer_layouts(module, params, IDS))
+    # Stand-in for training: B away from zero, so the adapters change the logits.
+    adapters = jax.tree.map(lambda x: x + 0.3 * jnp.sign(jnp.sin(jnp.arange(x.size))).reshape(
+        x.shape), adapters)  # fmt: skip
+    adapted = np.asarray(jax.jit(lf.factored(module))(params, adapters, IDS))
+    assert np.abs(adapted - np.asarray(module.apply({"params": params}, IDS))).max() > 1e-2
+
+    save_pretrained(str(merged_dir), module, lora.merge(params, adapters))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(theirs, adapted, atol=1e-4, rtol=1e-4)

@@ -135,3 +135,8 @@ def test_smollm2_tiny_configs_train_and_sample(config, tmp_path):
     assert len(perplexity) == 2 and all(np.isfinite(perplexity))
     samples = json.loads((tmp_path / "samples.json").read_text())
     assert set(samples) == {"before", "after"} and all(samples["after"].values())
+    if config == "smollm2_chatterbot":  # the generate command answers through the chat template
+        result = lorax_ft("generate", f"--config=configs/{config}.py:lora,tiny",
+                          f"--workdir={tmp_path}", "--prompt=Hi")  # fmt: skip
+        generated = json.loads(result.stdout.strip().splitlines()[-1])
+        assert generated["step"] == 2 and generated["samples"]["Hi"] == samples["after"]["Hi"]

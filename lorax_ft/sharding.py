@@ -1,0 +1,321 @@
+"""Where parameters live: the device mesh, and rules from parameter names to `NamedSharding`s.
+
+The mesh has three axes: `data` (batch only), `fsdp` (batch, and parameters split ZeRO-3 style)
+and `tensor` (parameters split Megatron style, the feature axes of each layer). Placement is
+config data, two kinds of ordered rules:
+
+* *logical rules* `(logical_name, mesh_axis_or_None)` for models whose parameters carry logical
+  axis names (`lorax_ft.models.logical_axes(module)`): for each axis of a parameter, the first
+  rule for its name whose mesh axes are not yet used by that parameter and divide its size wins;
+  a `None` rule, no rule, or no rule that fits leaves the axis replicated.
+* *path rules* `(regex, PartitionSpec)` over `/`-joined parameter paths, for models without
+  annotations; the first full match wins and overrides the logical rules. A spec axis that does
+  not divide its dimension falls back to replicated.
+
+Mesh axes of size 1 are dropped from the specs, so a spec says what is really split. LoRA factors
+are placed from their kernel: A (*stack, in, r) keeps the stacked and input axes' sharding, B
+(*stack, r, out) the stacked and output axes'; the rank axis is replicated.
+
+>>> mesh = make_mesh(fsdp_tensor(tensor=2))                       # doctest: +SKIP
+>>> shardings = variable_shardings(
+...     {"params": params, "lora": adapters}, mesh, logical_axes=logical_axes(module))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lorax_ft import lora, paths
+from lorax_ft.lora import Factors, KernelLayout
+
+PyTree = Any
+MeshAxes = str | tuple[str, ...] | None
+LogicalRule = tuple[str, MeshAxes]
+PathRule = tuple[str, P]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+FSDP_RULES: tuple[LogicalRule, ...] = (("embed", "fsdp"),)
+"""ZeRO-3: every parameter with a model-width axis is split over `fsdp`."""
+TENSOR_RULES: tuple[LogicalRule, ...] = (
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("vocab", "tensor"),
+)
+"""Megatron: feed-forward, attention-head and vocabulary axes are split over `tensor`."""
+DEFAULT_RULES: tuple[LogicalRule, ...] = (
+    ("layers", None),  # the stacked layer axis of scanned models; no pipeline axis
+    ("labels", None),  # classifier outputs: a handful
+    *FSDP_RULES,
+    *TENSOR_RULES,
+)
+"""FSDP plus tensor parallelism; on a mesh where `fsdp` or `tensor` is 1 those rules do nothing."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The mesh
+
+
+def data_parallel() -> ml_collections.ConfigDict:
+    """Mesh preset: every device holds the whole model and a slice of the batch."""
+    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+
+def fsdp() -> ml_collections.ConfigDict:
+    """Mesh preset: parameters and optimizer state split over all devices (ZeRO-3)."""
+    return ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+
+def fsdp_tensor(tensor: int) -> ml_collections.ConfigDict:
+    """Mesh preset: `tensor`-way tensor parallelism inside FSDP over the remaining devices."""
+    return ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": tensor})
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """`{axis: size}` of a mesh config section, with its one `-1` resolved.
+
+    Raises:
+      ValueError: an unknown axis, a size that is not a positive integer or -1, more than one
+        -1, or sizes whose product is not the device count.
+    """
+    sizes = dict(mesh_config.items())
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh axes {unknown} are unknown; the axes are {MESH_AXES}")
+    sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"mesh.{axis}={size!r} must be a positive integer or -1")
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh axes {free} are all -1; at most one axis may take the rest")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free and num_devices % fixed == 0:
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        described = " × ".join(f"{axis}={size}" for axis, size in sizes.items())
+        raise ValueError(
+            f"mesh {described} does not fit the {num_devices} devices: the sizes must multiply "
+            f"to {num_devices} (use -1 for one axis to take the rest)"
+        )
+    return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over `devices` (default: all), with Auto axis types.
+
+    Args:
+      mesh_config: sizes of `data`, `fsdp` and `tensor` (missing ones are 1, one may be -1),
+        e.g. the `mesh` section of an experiment config or a preset such as `fsdp()`.
+      devices: the devices to span; `jax.devices()` by default.
+
+    >>> make_mesh({"data": 2, "fsdp": -1, "tensor": 2}).shape   # doctest: +SKIP
+    OrderedDict([('data', 2), ('fsdp', 2), ('tensor', 2)])
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(
+        tuple(sizes.values()),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# One parameter
+
+
+def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _entry(axes: Sequence[str]) -> MeshAxes:
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _check_axes(axes: tuple[str, ...], mesh: Mesh, where: str) -> None:
+    missing = [a for a in axes if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"{where} names mesh axes {missing}; the mesh has {tuple(mesh.shape)}")
+
+
+def logical_to_spec(
+    shape: Sequence[int], logical: P, rules: Sequence[LogicalRule], mesh: Mesh
+) -> P:
+    """The mesh `PartitionSpec` of one parameter from its logical axis names.
+
+    >>> logical_to_spec((64, 128), P("embed", "mlp"), DEFAULT_RULES, mesh)   # doctest: +SKIP
+    PartitionSpec('fsdp', 'tensor')
+    """
+    names = tuple(logical)
+    if len(names) > len(shape):
+        raise ValueError(f"logical axes {logical} have more entries than the shape {shape}")
+    names += (None,) * (len(shape) - len(names))
+    used: set[str] = set()
+    out = []
+    for size, name in zip(shape, names, strict=True):
+        chosen: tuple[str, ...] = ()
+        for rule_name, rule_axes in rules if name is not None else ():
+            if rule_name != name:
+                continue
+            axes = _axes_tuple(rule_axes)
+            _check_axes(axes, mesh, f"logical rule {(rule_name, rule_axes)!r}")
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if used & set(axes) or size % math.prod(mesh.shape[a] for a in axes):
+                continue  # taken by another axis of this parameter, or does not divide it
+            chosen = axes
+            break
+        used |= set(chosen)
+        out.append(_entry(chosen))
+    return P(*out)
+
+
+def fit_spec(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
+    """`spec` padded to `shape`'s rank, with size-1 mesh axes dropped and axes that do not divide
+    their dimension replicated."""
+    entries = tuple(spec)
+    if len(entries) > len(shape):
+        raise ValueError(f"partition spec {spec} has more entries than the shape {shape}")
+    entries += (None,) * (len(shape) - len(entries))
+    out = []
+    for size, entry in zip(shape, entries, strict=True):
+        axes = _axes_tuple(entry)
+        _check_axes(axes, mesh, f"partition spec {spec}")
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        out.append(None if size % math.prod(mesh.shape[a] for a in axes) else _entry(axes))
+    return P(*out)
+
+
+def lora_specs(
+    kernel_shape: Sequence[int], kernel_spec: P, factors: Factors, layout: KernelLayout | None
+) -> tuple[P, P]:
+    """(A's spec, B's spec) for the factors of a kernel placed as `kernel_spec`.
+
+    A (*stack, in, r) keeps the sharding of the kernel's stacked and input axes (several input
+    axes merge, major first), B (*stack, r, out) that of its stacked and output axes; the rank
+    axis is replicated. `layout` gives the input axes; when it is missing or disagrees with the
+    factors' shapes (a `LoRA(in_axes=...)` override) they are read off those shapes.
+    """
+    kernel_shape = tuple(kernel_shape)
+    entries = tuple(kernel_spec) + (None,) * (len(kernel_shape) - len(kernel_spec))
+    stack, fan_in = factors.a.ndim - 2, factors.a.shape[-2]
+    core = kernel_shape[stack:]
+    if layout is not None and layout.stack == stack and math.prod(core[: layout.inputs]) == fan_in:
+        inputs = layout.inputs
+    else:
+        inputs = next(k for k in range(len(core) + 1) if math.prod(core[:k]) == fan_in)
+    merged = lambda axes: _entry([a for e in axes for a in _axes_tuple(e)])
+    stacked = entries[:stack]
+    in_axes = merged(entries[stack : stack + inputs])
+    out_axes = merged(entries[stack + inputs :])
+    return P(*stacked, in_axes, None), P(*stacked, None, out_axes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pytrees
+
+
+def _flat_logical(logical_axes: PyTree | None) -> dict[str, P]:
+    if logical_axes is None:
+        return {}
+    leaves = jax.tree_util.tree_flatten_with_path(
+        logical_axes, is_leaf=lambda x: isinstance(x, P)
+    )[0]
+    return {paths.path_str(kp): spec for kp, spec in leaves}
+
+
+def param_specs(
+    params: PyTree,
+    mesh: Mesh,
+    *,
+    logical_axes: PyTree | None = None,
+    rules: Sequence[LogicalRule] = DEFAULT_RULES,
+    path_rules: Sequence[PathRule] = (),
+) -> PyTree:
+    """A pytree like `params` (arrays or `jax.ShapeDtypeStruct`s) of mesh `PartitionSpec`s.
+
+    Each leaf's spec comes from the first path rule that fully matches its path, else from its
+    logical axes through `rules`, else it is replicated.
+    """
+    compiled = [(re.compile(pattern), spec) for pattern, spec in path_rules]
+    logical = _flat_logical(logical_axes)
+
+    def spec_of(path: str, leaf) -> P:
+        shape = tuple(leaf.shape)
+        for regex, spec in compiled:
+            if regex.fullmatch(path):
+                return fit_spec(shape, spec, mesh)
+        if path in logical:
+            return logical_to_spec(shape, logical[path], rules, mesh)
+        return P()
+
+    return paths.map_with_path(spec_of, params)
+
+
+def param_shardings(params: PyTree, mesh: Mesh, **rules) -> PyTree:
+    """`NamedSharding`s for `params`; keyword arguments as `param_specs`.
+
+    >>> shardings = param_shardings(abstract_params(module), mesh,
+    ...                             logical_axes=logical_axes(module))   # doctest: +SKIP
+    """
+    specs = param_specs(params, mesh, **rules)
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+
+
+def lora_shardings(
+    adapters: PyTree,
+    params: PyTree,
+    shardings: PyTree,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> PyTree:
+    """`NamedSharding`s for an adapters pytree, derived from its kernels' `shardings`.
+
+    Args:
+      adapters: `Factors` nodes at kernel paths (arrays or shapes), from `lora.init`.
+      params: the base params (arrays or shapes), for the kernels' shapes.
+      shardings: `param_shardings(params, ...)`.
+      layouts: from `lorax_ft.infer_layouts`; optional, the factors' shapes tell the same.
+
+    Returns:
+      The adapters' structure with `Factors(a=NamedSharding, b=NamedSharding)` nodes.
+    """
+    layouts = layouts or {}
+    flat_params, flat_shardings = paths.flatten(params), paths.flatten(shardings)
+    placed = {}
+    for path, factors in lora.factors_by_path(adapters).items():
+        sharding = flat_shardings[path]
+        a_spec, b_spec = lora_specs(
+            flat_params[path].shape, sharding.spec, factors, layouts.get(path)
+        )
+        placed[path] = factors.replace(
+            a=NamedSharding(sharding.mesh, a_spec), b=NamedSharding(sharding.mesh, b_spec)
+        )
+    return paths.unflatten(placed)
+
+
+def variable_shardings(
+    variables: PyTree,
+    mesh: Mesh,
+    *,
+    layouts: Mapping[str, KernelLayout] | None = None,
+    **rules,
+) -> PyTree:
+    """Shardings of `{"params": params, "lora": adapters}`; other keywords as `param_specs`."""
+    params = variables["params"]
+    shardings = param_shardings(params, mesh, **rules)
+    adapters = lora_shardings(variables["lora"], params, shardings, layouts)
+    return {"params": shardings, "lora": adapters}
