@@ -9,15 +9,12 @@ Both modes get the same budget (steps, batch, sequence length); only the spec an
 rate differ. The classifier head is new, so LoRA trains it fully.
 """
 
+from configs.common import parse_arg, shrink_to_tiny
 from lorax_ft.config import default_config
 
 
 def get_config(arg: str | None = None):
-    args = set((arg or "lora").split(","))
-    unknown = args - {"lora", "full", "tiny"}
-    if unknown or {"lora", "full"} <= args:
-        raise ValueError(f"bbc_minilm arguments are lora|full[,tiny], got {arg!r}")
-    mode = "full" if "full" in args else "lora"
+    mode, tiny = parse_arg(arg, "bbc_minilm")
 
     config = default_config()
     config.model.preset = "all-minilm-l6-v2"
@@ -50,14 +47,9 @@ def get_config(arg: str | None = None):
     config.train.checkpoint_every = 25
     config.checkpoint.keep = 1
 
-    if "tiny" in args:
-        config.data.max_length = 32
-        config.train.batch_size = 8
+    if tiny:
+        shrink_to_tiny(config, max_length=32, steps=3)
         config.train.eval_batch_size = 16
-        config.train.steps = 3
-        config.train.log_every = 1
         config.train.eval_steps = 2
-        config.train.checkpoint_every = 2
-        config.schedule.warmup_steps = 1
     config.schedule.total_steps = config.train.steps
     return config

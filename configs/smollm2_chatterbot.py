@@ -6,13 +6,12 @@ r"""SmolLM2-135M-Instruct, LoRA on the chatterbot-en question/answer pairs (Chat
 Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a short smoke run.
 """
 
+from configs.common import parse_arg, shrink_to_tiny
 from lorax_ft.config import default_config
 
 
 def get_config(arg: str | None = None):
-    args = set((arg or "lora").split(","))
-    if args - {"lora", "full", "tiny"} or {"lora", "full"} <= args:
-        raise ValueError(f"smollm2_chatterbot arguments are lora|full[,tiny], got {arg!r}")
+    mode, tiny = parse_arg(arg, "smollm2_chatterbot")
     config = default_config()
     config.model.preset = "smollm2-135m-instruct"  # Q4_1 GGUF, dequantized to float32
     config.model.task = "causal_lm"
@@ -23,7 +22,7 @@ def get_config(arg: str | None = None):
     config.data.chat_format = "chatml"  # SmolLM2-Instruct's template
     config.data.max_length = 64  # the pairs are short
 
-    config.peft.mode = "full" if "full" in args else "lora"
+    config.peft.mode = mode
     config.peft.targets = "all-linear"
     config.peft.rank = 16
     config.peft.alpha = 32.0
@@ -39,17 +38,8 @@ def get_config(arg: str | None = None):
     config.train.sample_prompts = ("What is your name?", "Do you like music?")
     config.train.max_new_tokens = 24
 
-    if "tiny" in args:
-        config.data.max_length = 16
-        config.train.batch_size = 8
-        config.train.eval_batch_size = 8
-        config.train.steps = 2
-        config.train.eval_every = 0
-        config.train.eval_steps = 1
-        config.train.log_every = 1
-        config.train.checkpoint_every = 2
+    if tiny:
+        shrink_to_tiny(config, max_length=16, steps=2)
         config.train.sample_prompts = ("Hi",)
-        config.train.max_new_tokens = 2
-        config.schedule.warmup_steps = 1
     config.schedule.total_steps = config.train.steps
     return config

@@ -5,13 +5,12 @@ r"""SmolLM2-135M-Instruct, LoRA on Shakespeare's plays as packed plain text (cau
 Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a short smoke run.
 """
 
+from configs.common import parse_arg, shrink_to_tiny
 from lorax_ft.config import default_config
 
 
 def get_config(arg: str | None = None):
-    args = set((arg or "lora").split(","))
-    if args - {"lora", "full", "tiny"} or {"lora", "full"} <= args:
-        raise ValueError(f"smollm2_shakespeare arguments are lora|full[,tiny], got {arg!r}")
+    mode, tiny = parse_arg(arg, "smollm2_shakespeare")
     config = default_config()
     config.model.preset = "smollm2-135m-instruct"
     config.model.task = "causal_lm"
@@ -21,7 +20,7 @@ def get_config(arg: str | None = None):
     config.data.name = "shakespeare"  # 42 plays; eval = the last 10% of each
     config.data.max_length = 128
 
-    config.peft.mode = "full" if "full" in args else "lora"
+    config.peft.mode = mode
     config.peft.targets = "all-linear"
     config.peft.rank = 16
     config.peft.alpha = 32.0
@@ -38,17 +37,8 @@ def get_config(arg: str | None = None):
     config.train.sample_prompts = ("ROMEO:\n", "To be, or not to be")
     config.train.max_new_tokens = 32
 
-    if "tiny" in args:
-        config.data.max_length = 16
-        config.train.batch_size = 8
-        config.train.eval_batch_size = 8
-        config.train.steps = 2
-        config.train.eval_every = 0
-        config.train.eval_steps = 1
-        config.train.log_every = 1
-        config.train.checkpoint_every = 2
+    if tiny:
+        shrink_to_tiny(config, max_length=16, steps=2)
         config.train.sample_prompts = ("ROMEO:",)
-        config.train.max_new_tokens = 2
-        config.schedule.warmup_steps = 1
     config.schedule.total_steps = config.train.steps
     return config
