@@ -58,9 +58,18 @@ def test_all_minilm_matches_transformers_and_ranks_paraphrases():
 def test_smollm2_gguf_answers_a_question():
     module, params, cfg, tokenizer = load_pretrained("smollm2-135m-instruct", scan_layers=True)
     assert cfg.tie_word_embeddings and cfg.kv_heads == 3 and cfg.head_size == 64
-    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    from configs import smollm2_chatterbot
+    from lorax_ft.trainer import generation_prompt
+
+    # The chat template as the trainer and `lorax-ft generate` apply it (ChatML for SmolLM2).
+    data_config = smollm2_chatterbot.get_config().data
+    prompt = generation_prompt(data_config, "What is the capital of France?")
+    assert prompt == (
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tokenizer.encode(prompt).ids
-    assert ids[0] == tokenizer.token_to_id("<|im_start|>") == 1
+    # <|im_start|> is also SmolLM2's BOS: it opens the prompt once, never doubled.
+    assert ids[0] == tokenizer.token_to_id("<|im_start|>") == cfg.bos_token_id == 1 != ids[1]
     assert tokenizer.decode(ids, skip_special_tokens=False) == prompt
     out = generate(
         module, params, [ids], Sampling(max_new_tokens=12, stop_tokens=cfg.eos_token_ids)
