@@ -1,6 +1,6 @@
 """lorax_ft: fine-tuning for JAX/Flax models, fully or with LoRA, as pure pytree transforms."""
 
-from lorax_ft import lora, optim, partition, paths
+from lorax_ft import lora, mesh, optim, partition, paths, sharded_step, sharding
 from lorax_ft.factored import factored, infer_layouts, nnx_params
 from lorax_ft.lora import Factors, KernelLayout
 from lorax_ft.partition import combine, split, variable_labels
@@ -23,10 +23,13 @@ __all__ = [
     "init_state",
     "lora",
     "make_train_step",
+    "mesh",
     "nnx_params",
     "optim",
     "partition",
     "paths",
+    "sharded_step",
+    "sharding",
     "split",
     "variable_labels",
 ]

@@ -6,7 +6,7 @@ runs it under `jax.jit(..., out_shardings=...)`, so each device computes only it
 The step is `lorax_ft.train_step.make_train_step`, the one LoRA and full fine-tuning share,
 jitted with those shardings, the batch split over (`data`, `fsdp`), and the state donated.
 
->>> mesh = sharding.make_mesh(sharding.fsdp())                                 # doctest: +SKIP
+>>> mesh = make_mesh(fsdp())                                                   # doctest: +SKIP
 >>> shard = functools.partial(sharding.variable_shardings, mesh=mesh,
 ...                           logical_axes=logical_axes(module))                 # doctest: +SKIP
 >>> state, shardings = init_train_state(init_variables, key, labels=labels, tx=tx,
@@ -111,6 +111,7 @@ def init_train_state(
     rng: jax.Array,
     mesh: Mesh,
     shard_variables: Callable[[PyTree], PyTree],
+    compiler_options: dict[str, Any] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """A step-0 `TrainState` created directly in its shards, and its shardings.
 
@@ -124,6 +125,7 @@ def init_train_state(
       mesh: the mesh.
       shard_variables: abstract variables -> their shardings, e.g.
         `functools.partial(sharding.variable_shardings, mesh=mesh, logical_axes=...)`.
+      compiler_options: XLA options for this compilation (as `jax.jit`'s).
 
     Returns:
       (state, shardings): the state, and a `TrainState` of its leaves' `NamedSharding`s.
@@ -135,7 +137,8 @@ def init_train_state(
     abstract = jax.eval_shape(init, rng, *args)
     variables = partition.combine(abstract.frozen, abstract.trainable)
     shardings = state_shardings(abstract, tx, shard_variables(variables), mesh)
-    state = jax.jit(init, out_shardings=shardings)(rng, *args)
+    init = jax.jit(init, out_shardings=shardings, compiler_options=compiler_options)
+    state = init(rng, *args)
     return state, shardings
 
 
@@ -146,13 +149,17 @@ def make_sharded_train_step(
     shardings: TrainState,
     mesh: Mesh,
     schedule: optax.Schedule | None = None,
+    *,
+    compiler_options: dict[str, Any] | None = None,
     **step_options: Any,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """`make_train_step(apply_fn, loss_fn, tx, schedule, **step_options)`, jitted for `mesh`.
 
     The state goes in and out with `shardings` and is donated; the batch is split over
-    (`data`, `fsdp`); metrics come back replicated. The returned function checks, before the
-    jitted call, that every batch array's leading dimension divides over those devices.
+    (`data`, `fsdp`); metrics come back replicated. `compiler_options` go to `jax.jit`, the
+    other keywords (`grad_accum`, `skip_nonfinite`) to `make_train_step`. The returned function
+    checks, before the jitted call, that every batch array's leading dimension divides over the
+    batch devices.
     """
     step = make_train_step(apply_fn, loss_fn, tx, schedule, **step_options)
     jitted = jax.jit(
@@ -160,6 +167,7 @@ def make_sharded_train_step(
         in_shardings=(shardings, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compiler_options,
     )
     ways = batch_devices(mesh)
 

@@ -1,8 +1,8 @@
-"""Where parameters live: the device mesh, and rules from parameter names to `NamedSharding`s.
+"""Where parameters live: rules from parameter names to `NamedSharding`s on a mesh.
 
-The mesh has three axes: `data` (batch only), `fsdp` (batch, and parameters split ZeRO-3 style)
-and `tensor` (parameters split Megatron style, the feature axes of each layer). Placement is
-config data, two kinds of ordered rules:
+The mesh (`lorax_ft.mesh`) has three axes: `data` (batch only), `fsdp` (batch, and parameters
+split ZeRO-3 style) and `tensor` (parameters split Megatron style, the feature axes of each
+layer). Placement is config data, two kinds of ordered rules:
 
 * *logical rules* `(logical_name, mesh_axis_or_None)` for models whose parameters carry logical
   axis names (`lorax_ft.models.logical_axes(module)`): for each axis of a parameter, the first
@@ -16,7 +16,7 @@ Mesh axes of size 1 are dropped from the specs, so a spec says what is really sp
 are placed from their kernel: A (*stack, in, r) keeps the stacked and input axes' sharding, B
 (*stack, r, out) the stacked and output axes'; the rank axis is replicated.
 
->>> mesh = make_mesh(fsdp_tensor(tensor=2))                       # doctest: +SKIP
+>>> mesh = lorax_ft.mesh.make_mesh(lorax_ft.mesh.fsdp_tensor(tensor=2))   # doctest: +SKIP
 >>> shardings = variable_shardings(
 ...     {"params": params, "lora": adapters}, mesh, logical_axes=logical_axes(module))  # doctest: +SKIP
 """
@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -40,8 +39,6 @@ PyTree = Any
 MeshAxes = str | tuple[str, ...] | None
 LogicalRule = tuple[str, MeshAxes]
 PathRule = tuple[str, P]
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 FSDP_RULES: tuple[LogicalRule, ...] = (("embed", "fsdp"),)
 """ZeRO-3: every parameter with a model-width axis is split over `fsdp`."""
@@ -59,76 +56,6 @@ DEFAULT_RULES: tuple[LogicalRule, ...] = (
     *TENSOR_RULES,
 )
 """FSDP plus tensor parallelism; on a mesh where `fsdp` or `tensor` is 1 those rules do nothing."""
-
-
-# ------------------------------------------------------------------------------------------------
-# The mesh
-
-
-def data_parallel() -> ml_collections.ConfigDict:
-    """Mesh preset: every device holds the whole model and a slice of the batch."""
-    return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-
-
-def fsdp() -> ml_collections.ConfigDict:
-    """Mesh preset: parameters and optimizer state split over all devices (ZeRO-3)."""
-    return ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-
-
-def fsdp_tensor(tensor: int) -> ml_collections.ConfigDict:
-    """Mesh preset: `tensor`-way tensor parallelism inside FSDP over the remaining devices."""
-    return ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": tensor})
-
-
-def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """`{axis: size}` of a mesh config section, with its one `-1` resolved.
-
-    Raises:
-      ValueError: an unknown axis, a size that is not a positive integer or -1, more than one
-        -1, or sizes whose product is not the device count.
-    """
-    sizes = dict(mesh_config.items())
-    unknown = sorted(set(sizes) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"mesh axes {unknown} are unknown; the axes are {MESH_AXES}")
-    sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
-    for axis, size in sizes.items():
-        if not isinstance(size, int) or (size < 1 and size != -1):
-            raise ValueError(f"mesh.{axis}={size!r} must be a positive integer or -1")
-    free = [axis for axis, size in sizes.items() if size == -1]
-    if len(free) > 1:
-        raise ValueError(f"mesh axes {free} are all -1; at most one axis may take the rest")
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if free and num_devices % fixed == 0:
-        sizes[free[0]] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
-        described = " × ".join(f"{axis}={size}" for axis, size in sizes.items())
-        raise ValueError(
-            f"mesh {described} does not fit the {num_devices} devices: the sizes must multiply "
-            f"to {num_devices} (use -1 for one axis to take the rest)"
-        )
-    return sizes
-
-
-def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-    """A `(data, fsdp, tensor)` mesh over `devices` (default: all), with Auto axis types.
-
-    Args:
-      mesh_config: sizes of `data`, `fsdp` and `tensor` (missing ones are 1, one may be -1),
-        e.g. the `mesh` section of an experiment config or a preset such as `fsdp()`.
-      devices: the devices to span; `jax.devices()` by default.
-
-    >>> make_mesh({"data": 2, "fsdp": -1, "tensor": 2}).shape   # doctest: +SKIP
-    OrderedDict([('data', 2), ('fsdp', 2), ('tensor', 2)])
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(
-        tuple(sizes.values()),
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,9 +157,9 @@ def lora_specs(
 def _flat_logical(logical_axes: PyTree | None) -> dict[str, P]:
     if logical_axes is None:
         return {}
-    leaves = jax.tree_util.tree_flatten_with_path(
-        logical_axes, is_leaf=lambda x: isinstance(x, P)
-    )[0]
+    leaves = jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=lambda x: isinstance(x, P))[
+        0
+    ]
     return {paths.path_str(kp): spec for kp, spec in leaves}
 
 
