@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests  # two workers: compiling is mostly single-threaded
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

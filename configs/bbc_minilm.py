@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
     config.checkpoint.keep = 1
 
     if tiny:
-        shrink_to_tiny(config, max_length=32, steps=3)
+        shrink_to_tiny(config, max_length=32, steps=4)
         config.train.eval_batch_size = 16
         config.train.eval_steps = 2
     config.schedule.total_steps = config.train.steps

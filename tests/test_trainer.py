@@ -41,22 +41,22 @@ def tiny_run(tmp_path_factory):
 def test_tiny_config_trains_end_to_end(tiny_run):
     records = read_metrics(tiny_run / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and "lr" in r and "grad_norm" in r for r in steps)
     evals = [r for r in records if "eval_accuracy" in r]
-    assert [r["step"] for r in evals] == [0, 3] and 0 <= evals[-1]["eval_accuracy"] <= 1
+    assert [r["step"] for r in evals] == [0, 4] and 0 <= evals[-1]["eval_accuracy"] <= 1
     assert json.loads((tiny_run / "config.json").read_text())["peft"]["mode"] == "lora"
     assert (tiny_run / "summary.md").read_text().startswith("# Run summary")
     assert (tiny_run / "plots" / "loss.png").stat().st_size > 0
     assert list((tiny_run / "tensorboard").iterdir())
-    assert (tiny_run / "checkpoints" / "3").is_dir()
+    assert (tiny_run / "checkpoints" / "4").is_dir()
 
 
 def test_eval_and_export_from_the_workdir(tiny_run, tmp_path):
     result = lorax_ft("eval", f"--config={TINY}", f"--workdir={tiny_run}")
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
     final = [r for r in read_metrics(tiny_run / "metrics.jsonl") if "eval_accuracy" in r][-1]
-    assert evaluated["step"] == 3
+    assert evaluated["step"] == 4
     assert evaluated["eval_accuracy"] == pytest.approx(final["eval_accuracy"])
 
     out = tmp_path / "adapters"
@@ -66,39 +66,40 @@ def test_eval_and_export_from_the_workdir(tiny_run, tmp_path):
     assert meta["adapters"] and "classifier/kernel" in meta["trained_fully"]
 
 
-def test_killed_run_resumes_bitwise(tmp_path):
-    args = [f"--config={TINY}", "--config.train.steps=6", "--config.schedule.total_steps=6"]
-    straight = tmp_path / "straight"
-    lorax_ft("train", *args, f"--workdir={straight}")
-
+def test_killed_run_resumes_bitwise(tiny_run, tmp_path):
+    """SIGKILL between checkpoints, re-run the same command: same metrics and state as `tiny_run`."""
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "lorax_ft.main", "train", *args, f"--workdir={killed}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorax_ft.main",
+        "train",
+        f"--config={TINY}",
+        f"--workdir={killed}",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    metrics = killed / "metrics.jsonl"
-    # Kill between checkpoints: after step 3 was logged (step 2 is checkpointed, 4 is not yet).
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(r.get("step") == 3 for r in read_metrics(metrics)):
-            break
-        time.sleep(0.05)
+    # Kill as soon as the step-2 checkpoint is committed (orbax renames it into place), while
+    # steps 3 and 4 are still to run or being logged: the resume must start from step 2.
+    committed = killed / "checkpoints" / "2"
+    while time.time() < deadline and proc.poll() is None and not committed.is_dir():
+        time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (killed / "checkpoints").is_dir()
-    lorax_ft("train", *args, f"--workdir={killed}")  # the same command resumes
+    assert not (killed / "checkpoints" / "4").exists()
+    lorax_ft("train", f"--config={TINY}", f"--workdir={killed}")  # the same command resumes
 
     assert _comparable(read_metrics(killed / "metrics.jsonl")) == _comparable(
-        read_metrics(straight / "metrics.jsonl")
+        read_metrics(tiny_run / "metrics.jsonl")
     )
+    import jax
     import orbax.checkpoint as ocp
 
     def final_state(workdir):
-        path = workdir / "checkpoints" / "6" / "state"
-        return ocp.StandardCheckpointer().restore(path)
+        return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "state")
 
-    a, b = final_state(straight), final_state(killed)
-    import jax
-
+    a, b = final_state(tiny_run), final_state(killed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
