@@ -67,7 +67,7 @@ def train(module, params, spec, shift, steps, lr, seed):
         times.append(time.perf_counter() - start)
     report = {
         "trainable": lora.count(state.trainable),
-        "opt_bytes": optim.state_bytes(state.opt_state),
+        "opt_bytes": lora.nbytes(state.opt_state),
         "step_ms": 1e3 * statistics.median(times[1:]),
     }
     return state.variables, report

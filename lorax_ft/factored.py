@@ -103,7 +103,7 @@ class _Pass:
         return entry[1][path]
 
     def _dropout(self, path, x, factors: Factors):
-        if not factors.dropout or self.rng is None or layer_is_lookup(x):
+        if not factors.dropout or self.rng is None or _is_token_ids(x):
             return x
         self._dropout_calls += 1
         key = jax.random.fold_in(self.rng, zlib.crc32(path.encode()) + self._dropout_calls)
@@ -134,7 +134,7 @@ class _Pass:
         return {c.path: c.layout for c in self.calls}
 
 
-def layer_is_lookup(x) -> bool:
+def _is_token_ids(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.integer)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import ml_collections
 import optax
 
@@ -138,7 +137,3 @@ def make_optimizer(
     clip = config.optim.clip_norm
     return optax.chain(optax.clip_by_global_norm(clip), partitioned) if clip else partitioned
 
-
-def state_bytes(opt_state: PyTree) -> int:
-    """Bytes of an optimizer state's arrays."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state) if hasattr(x, "dtype"))

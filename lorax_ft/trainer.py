@@ -209,7 +209,7 @@ def _summarize(config, workdir, task, state, times, wall_s) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100.0 * trainable / total,
-        "optimizer_state_bytes": optim.state_bytes(state.opt_state),
+        "optimizer_state_bytes": lora.nbytes(state.opt_state),
         "checkpoint_bytes": _dir_bytes(checkpoint_dir),
         "median_step_s": statistics.median(times[1:] or times) if times else None,
         "eval_before": {k: v for k, v in evals[0].items() if k != "step"} if evals else {},
