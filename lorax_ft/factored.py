@@ -117,9 +117,12 @@ class _Pass:
             seen[c.path] = seen.get(c.path, 0) + 1
         buckets: dict[tuple, list] = {}
         for c in self.calls:
-            # A kernel used more than once (weight sharing) is never grouped.
+            # A kernel used more than once (weight sharing) is never grouped, and only siblings
+            # are: inside an nn.scan body their sliced factors are read through the parent scope.
             if c.group_key is not None and seen[c.path] == 1:
-                buckets.setdefault((id(c.x), c.group_key), []).append((c.path, c.layer.out_dims))
+                parent = c.path.rsplit("/", 2)[0] if c.path.count("/") >= 2 else ""
+                key = (id(c.x), parent, c.group_key)
+                buckets.setdefault(key, []).append((c.path, c.layer.out_dims))
         groups = {}
         for members in buckets.values():
             if len(members) > 1:

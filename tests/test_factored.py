@@ -184,3 +184,23 @@ def test_model_zoo_llama_scanned_with_remat_and_tied_embedding(remat):
     factored = jax.jit(lf.factored(module))(params, adapters, ids)
     by_hand = module.apply({"params": lf.paths.unflatten(_merged_by_hand(params, adapters))}, ids)
     chex.assert_trees_all_close(factored, by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_only_siblings_share_a_down_projection():
+    class Branch(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="proj")(x)
+
+    class Model(nn.Module):  # left/proj and right/proj read the same x but are not siblings
+        @nn.compact
+        def __call__(self, x):
+            return Branch(name="left")(x) + Branch(name="right")(x)
+
+    x = jax.random.normal(jax.random.key(0), (3, 8))
+    model = Model()
+    params = model.init(jax.random.key(0), x)["params"]
+    adapters = _nonzero(lora.init(jax.random.key(1), params, lf.Spec([(".*kernel", lf.LoRA(2))])))
+    out = jax.jit(lf.factored(model))(params, adapters, x)
+    by_hand = model.apply({"params": lf.paths.unflatten(_merged_by_hand(params, adapters))}, x)
+    chex.assert_trees_all_close(out, by_hand, atol=1e-5)
