@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from lorax_ft.models import attention as attn_lib
 from lorax_ft.models import layers
-from lorax_ft.models.llama import decoder_positions
+from lorax_ft.models.llama import decoder_inputs
 from lorax_ft.models.stack import run_layers
 
 
@@ -141,15 +141,9 @@ class Gpt2Model(nn.Module):
         """Final hidden states, or with `tied_logits` the LM logits through the tied table."""
         cfg = self.config
         s = input_ids.shape[1]
-        if cache is None:
-            key_len, index, layer_cache = s, jnp.zeros((), jnp.int32), None
-        else:
-            key_len, index = cache["k"].shape[2], cache["index"]
-            layer_cache = {"k": cache["k"], "v": cache["v"]}
-        if positions is None:
-            if cache is not None:
-                raise ValueError("decoding with a cache needs explicit positions")
-            positions = decoder_positions(attention_mask, s)
+        key_len, index, layer_cache, positions = decoder_inputs(
+            input_ids, attention_mask, positions, cache
+        )
         bias = attn_lib.mask_bias(attention_mask, s, key_len, causal=True, query_offset=index)
         emb = lambda n, axes, name: layers.embed(
             n,

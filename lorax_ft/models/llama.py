@@ -155,6 +155,25 @@ def decoder_positions(attention_mask, seq_len, offset=0):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def decoder_inputs(input_ids, attention_mask, positions, cache):
+    """What a decoder call needs besides its tokens: `(key_len, index, layer_cache, positions)`.
+
+    Without a cache the keys are the tokens themselves; with one they are all its slots, new
+    tokens go in at `cache["index"]`, and `positions` must be given.
+    """
+    s = input_ids.shape[1]
+    if cache is None:
+        key_len, index, layer_cache = s, jnp.zeros((), jnp.int32), None
+    else:
+        key_len, index = cache["k"].shape[2], cache["index"]
+        layer_cache = {"k": cache["k"], "v": cache["v"]}
+    if positions is None:
+        if cache is not None:
+            raise ValueError("decoding with a cache needs explicit positions")
+        positions = decoder_positions(attention_mask, s)
+    return key_len, index, layer_cache, positions
+
+
 class LlamaModel(nn.Module):
     """Embeddings, decoder stack and final norm; returns hidden states `[B, S, embed]`."""
 
@@ -167,15 +186,9 @@ class LlamaModel(nn.Module):
         """Hidden states, or with `tied_logits` the LM logits through the embedding table."""
         cfg = self.config
         s = input_ids.shape[1]
-        if cache is None:
-            key_len, index, layer_cache = s, jnp.zeros((), jnp.int32), None
-        else:
-            key_len, index = cache["k"].shape[2], cache["index"]
-            layer_cache = {"k": cache["k"], "v": cache["v"]}
-        if positions is None:
-            if cache is not None:
-                raise ValueError("decoding with a cache needs explicit positions")
-            positions = decoder_positions(attention_mask, s)
+        key_len, index, layer_cache, positions = decoder_inputs(
+            input_ids, attention_mask, positions, cache
+        )
         bias = attn_lib.mask_bias(
             attention_mask,
             s,
