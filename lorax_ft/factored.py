@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 import zlib
 from collections.abc import Callable
@@ -42,10 +43,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lorax_ft import layers, lora, paths
 from lorax_ft.layers import Layer
 from lorax_ft.lora import Factors, KernelLayout
+from lorax_ft.mesh import BATCH_AXES
 
 PyTree = Any
 # The factors of kernel `k` travel in the params collection as a sibling leaf `k@lora`.
@@ -137,6 +140,20 @@ class _Pass:
         return {c.path: c.layout for c in self.calls}
 
 
+def split_over_batch(y: jax.Array) -> jax.Array:
+    """`y` with its leading (batch) dimension split over the current mesh's batch axes.
+
+    A no-op unless traced under a mesh (`jax.sharding.use_abstract_mesh`, as the sharded steps
+    do) with `data`/`fsdp` axes that divide it; the other dimensions are left to XLA.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or y.ndim == 0 or y.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return y
+    spec = P(axes if len(axes) > 1 else axes[0], *[P.UNCONSTRAINED] * (y.ndim - 1))
+    return jax.lax.with_sharding_constraint(y, spec)
+
+
 def _is_token_ids(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.integer)
 
@@ -174,7 +191,7 @@ def _linen_apply(module: nn.Module, run: _Pass, params, factors, args, kwargs):
         key = name + _FACTORS_SUFFIX
         f = mod.scope.get_variable("params", key) if mod.scope.has_variable("params", key) else None
         stack = len(flat[path].shape) - len(kernel_shape)
-        y = next_fun(*call_args, **call_kwargs)
+        y = split_over_batch(next_fun(*call_args, **call_kwargs))
         if not run.record(path, layer, stack, x, f):
             return y
 
@@ -185,7 +202,7 @@ def _linen_apply(module: nn.Module, run: _Pass, params, factors, args, kwargs):
                 member_name + _FACTORS_SUFFIX
             ]
 
-        return y + run.delta(path, layer, x, f, lookup).astype(y.dtype)
+        return split_over_batch(y + run.delta(path, layer, x, f, lookup).astype(y.dtype))
 
     variables = {**kwargs.pop("variables", {}), "params": paths.unflatten(injected)}
     with nn.intercept_methods(interceptor):
@@ -210,7 +227,7 @@ def _factored_class(cls: type) -> type:
             layer = layers.from_nnx(self, method_name, x)
             if layer is None or not run.record(path, layer, 0, x, f):
                 return y
-            return y + run.delta(path, layer, x, f, lookup).astype(y.dtype)
+            return split_over_batch(y + run.delta(path, layer, x, f, lookup).astype(y.dtype))
 
         return method
 
@@ -301,7 +318,8 @@ def infer_layouts(
 def _discover(run_model, params, factors, args, kwargs) -> _Pass:
     run = _Pass(None, None)
     # Inputs are closed over, not abstracted: flags such as `deterministic=True` must stay Python.
-    jax.eval_shape(lambda: run_model(run, params, factors, args, dict(kwargs)))
+    # Params are arguments, so shapes alone (`jax.ShapeDtypeStruct`s) will do.
+    jax.eval_shape(lambda p, f: run_model(run, p, f, args, dict(kwargs)), params, factors)
     return run
 
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
+from lorax_ft.models.abstract import abstract_params
 from lorax_ft.models.families import Family
 
 _LEAF_NAMES = {
@@ -169,6 +170,40 @@ def read_params(
             "%s: %d checkpoint tensors unused, e.g. %s", store.name, len(unused), unused[:3]
         )
     return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+
+
+def load_params(
+    store: Any,
+    module: Any,
+    family: Family,
+    cfg: Any,
+    shardings: Any = None,
+    read_weights: bool = True,
+) -> Any:
+    """The parameters of `module` from `store` (see `read_params`), or only their shapes.
+
+    Args:
+      store: as `read_params`'s `source`.
+      module: the Flax module the parameters are for.
+      family: the model family (naming rules).
+      cfg: the model config.
+      shardings: None, a pytree of shardings shaped like the params, or a function
+        `module -> such a pytree` (it can then be derived from the module's logical axes).
+      read_weights: False returns `jax.ShapeDtypeStruct`s (with their shardings) and reads
+        nothing: enough to plan memory or build shardings before loading.
+    """
+    abstract = abstract_params(module)
+    if callable(shardings):
+        shardings = shardings(module)
+    if not read_weights:
+        if shardings is None:
+            return abstract
+        return jax.tree.map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            abstract,
+            shardings,
+        )
+    return read_params(store, abstract, family, cfg, shardings)
 
 
 def to_hf_tensors(params: Any, family: Family, cfg: Any) -> dict[str, np.ndarray]:

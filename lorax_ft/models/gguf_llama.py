@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from lorax_ft.models.abstract import abstract_params
-from lorax_ft.models.checkpoint import read_params
+from lorax_ft.models.checkpoint import load_params
 from lorax_ft.models.families import LLAMA
 from lorax_ft.models.hf_config import llama_from_hf
 
@@ -114,12 +113,13 @@ def _tokenizer(reader: Any) -> Tokenizer:
     return tokenizer
 
 
-def load_gguf(path: str, shardings: Any = None, **overrides: Any):
+def load_gguf(path: str, shardings: Any = None, read_weights: bool = True, **overrides: Any):
     """Loads a llama-architecture GGUF file.
 
     Args:
       path: the .gguf file.
       shardings: as in `load_pretrained`.
+      read_weights: as in `load_pretrained`.
       **overrides: runtime config fields (dtype, param_dtype, scan_layers, remat).
 
     Returns:
@@ -160,5 +160,5 @@ def load_gguf(path: str, shardings: Any = None, **overrides: Any):
     cfg = llama_from_hf(hf, **overrides)
     module = LLAMA.build(cfg, hf)
     store = GgufTensors(reader, path, heads, kv_heads)
-    params = read_params(store, abstract_params(module), LLAMA, cfg, shardings)
+    params = load_params(store, module, LLAMA, cfg, shardings, read_weights)
     return module, params, cfg, _tokenizer(reader)

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from tokenizers import Tokenizer
 
 from lorax_ft.models import presets
-from lorax_ft.models.abstract import abstract_params
-from lorax_ft.models.checkpoint import SafetensorsDir, read_params
+from lorax_ft.models.checkpoint import SafetensorsDir, load_params
 from lorax_ft.models.families import BERT, family_for_model_type
 
 
@@ -23,6 +22,7 @@ def load_pretrained(
     name_or_path: str,
     dtype: Any = jnp.float32,
     shardings: Any = None,
+    read_weights: bool = True,
     **overrides: Any,
 ) -> tuple[Any, Any, Any, Tokenizer | None]:
     """Loads a model from a HF directory (config.json + safetensors) or a preset name.
@@ -33,7 +33,10 @@ def load_pretrained(
       dtype: computation dtype and, unless `param_dtype=` is given in `overrides`, parameter
         dtype (e.g. `dtype=jnp.bfloat16, param_dtype=jnp.float32` keeps float32 weights).
       shardings: optional pytree of `jax.sharding.Sharding` shaped like the params (see
-        `abstract.logical_axes`); each tensor is placed as it is read.
+        `abstract.logical_axes`), or a function `module -> that pytree`; each tensor is placed
+        as it is read, so the whole model never sits on one device.
+      read_weights: False reads no tensor and returns the params as `jax.ShapeDtypeStruct`s
+        (with their shardings): the model's shapes, for planning memory.
       **overrides: runtime config fields, e.g. `scan_layers=True`, `remat="full"`.
 
     Returns:
@@ -47,16 +50,22 @@ def load_pretrained(
     """
     overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     if name_or_path in presets.PRESETS:
-        return presets.load_preset(name_or_path, shardings=shardings, **overrides)
+        return presets.load_preset(
+            name_or_path, shardings=shardings, read_weights=read_weights, **overrides
+        )
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(
             f"{name_or_path} is neither a model directory nor a preset name "
             f"({', '.join(sorted(presets.PRESETS))})"
         )
-    return load_hf_directory(name_or_path, shardings=shardings, **overrides)
+    return load_hf_directory(
+        name_or_path, shardings=shardings, read_weights=read_weights, **overrides
+    )
 
 
-def load_hf_directory(directory: str, shardings: Any = None, **overrides: Any):
+def load_hf_directory(
+    directory: str, shardings: Any = None, read_weights: bool = True, **overrides: Any
+):
     """`load_pretrained` for a directory; `overrides` are config fields (dtype included)."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
@@ -70,7 +79,7 @@ def load_hf_directory(directory: str, shardings: Any = None, **overrides: Any):
         overrides = {"add_pooling_layer": False, **overrides}
     cfg = family.from_hf(hf, **overrides)
     module = family.build(cfg, hf)
-    params = read_params(store, abstract_params(module), family, cfg, shardings)
+    params = load_params(store, module, family, cfg, shardings, read_weights)
     tokenizer_path = os.path.join(directory, "tokenizer.json")
     tokenizer = Tokenizer.from_file(tokenizer_path) if os.path.exists(tokenizer_path) else None
     return module, params, cfg, tokenizer

@@ -55,7 +55,7 @@ def preset_path(name: str) -> str:
     return path
 
 
-def load_preset(name: str, shardings: Any = None, **overrides: Any):
+def load_preset(name: str, shardings: Any = None, read_weights: bool = True, **overrides: Any):
     """`load_pretrained` for a preset name; `overrides` are config fields (dtype included)."""
     # Imported here: loading imports this module for PRESETS.
     from lorax_ft.models.gguf_llama import load_gguf
@@ -63,5 +63,5 @@ def load_preset(name: str, shardings: Any = None, **overrides: Any):
 
     path = preset_path(name)
     if PRESETS[name].format == "gguf":
-        return load_gguf(path, shardings=shardings, **overrides)
-    return load_hf_directory(path, shardings=shardings, **overrides)
+        return load_gguf(path, shardings=shardings, read_weights=read_weights, **overrides)
+    return load_hf_directory(path, shardings=shardings, read_weights=read_weights, **overrides)
