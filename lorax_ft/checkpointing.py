@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lorax_ft.train_step import TrainState
 
@@ -33,15 +35,27 @@ class CheckpointMismatchError(RuntimeError):
 def fingerprint(params: PyTree, samples_per_leaf: int = 4096) -> str:
     """A short hash of a params pytree: paths, shapes, dtypes and a strided sample of values.
 
-    Cheap enough to compute for every run, and different for different weights in practice.
+    Cheap enough to compute for every run, and different for different weights in practice. The
+    samples are taken on the devices and only they are fetched, so params sharded over many
+    devices or processes are never gathered; the hash does not depend on how they are sharded.
     """
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    strides = [max(1, leaf.size // samples_per_leaf) for _, leaf in leaves]
+
+    def sample(arrays):
+        return [x.reshape(-1)[::stride] for x, stride in zip(arrays, strides, strict=True)]
+
+    arrays = [leaf for _, leaf in leaves]
+    meshes = {
+        x.sharding.mesh for x in arrays if isinstance(getattr(x, "sharding", None), NamedSharding)
+    }
+    # Replicated samples are readable on every process, whichever devices hold the leaves.
+    out = NamedSharding(meshes.pop(), P()) if len(meshes) == 1 else None
+    samples = jax.device_get(jax.jit(sample, out_shardings=out)(arrays))
     digest = hashlib.sha256()
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = np.asarray(jax.device_get(leaf))
-        digest.update(f"{jax.tree_util.keystr(keypath)}{array.shape}{array.dtype}".encode())
-        flat = array.reshape(-1)
-        stride = max(1, flat.size // samples_per_leaf)
-        digest.update(np.ascontiguousarray(flat[::stride]).tobytes())
+    for (keypath, leaf), values in zip(leaves, samples, strict=True):
+        digest.update(f"{jax.tree_util.keystr(keypath)}{tuple(leaf.shape)}{leaf.dtype}".encode())
+        digest.update(np.ascontiguousarray(values).tobytes())
     return digest.hexdigest()[:16]
 
 

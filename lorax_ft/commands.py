@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from lorax_ft import lora
-from lorax_ft.checkpointing import Checkpointer, CheckpointMismatchError, fingerprint
+from lorax_ft.checkpointing import Checkpointer, CheckpointMismatchError
 from lorax_ft.config import ConfigError
 from lorax_ft.spec import SpecError
 
@@ -20,23 +21,28 @@ USER_ERRORS = (ConfigError, SpecError, CheckpointMismatchError, FileNotFoundErro
 
 
 def restore(config, workdir):
-    """(task, state, eval_step) with the newest checkpoint of `workdir` restored."""
-    from lorax_ft.trainer import setup
+    """The experiment, on this run's mesh, with the newest checkpoint of `workdir` restored.
 
-    task, _, state, _, eval_step = setup(config)
+    The checkpoint may come from another mesh or number of processes: it is read into the
+    shardings of this one.
+    """
+    from lorax_ft.experiment import build
+
+    experiment = build(config)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
-    state, _ = checkpoints.restore(state, base=fingerprint(task.params))
+    state, _ = checkpoints.restore(experiment.state, base=experiment.base_fingerprint)
     checkpoints.close()
-    return task, state, eval_step
+    return dataclasses.replace(experiment, state=state)
 
 
 def evaluate_checkpoint(config, workdir) -> dict:
     from lorax_ft.trainer import evaluate
 
-    task, state, eval_step = restore(config, workdir)
-    return {"step": int(state.step), **evaluate(config, task, eval_step, state)}
+    experiment = restore(config, workdir)
+    state = experiment.state
+    return {"step": int(state.step), **evaluate(experiment, state)}
 
 
 def generate(config, workdir, prompts) -> dict:
@@ -44,7 +50,8 @@ def generate(config, workdir, prompts) -> dict:
 
     if config.model.task != "causal_lm":
         raise ValueError(f"generate needs model.task='causal_lm', not {config.model.task!r}")
-    task, state, _ = restore(config, workdir)
+    experiment = restore(config, workdir)
+    task, state = experiment.task, experiment.state
     params = lora.merge(state.variables["params"], state.variables["lora"])
     prompts = prompts or ["Hello"]
     rendered = [generation_prompt(config.data, p) for p in prompts]  # the chat template, if any
@@ -68,7 +75,8 @@ def export(config, workdir, export_dir, adapters_only: bool) -> dict:
     """The merged model as a Hugging Face directory, or the adapters alone, written atomically."""
     from lorax_ft.models.export import save_pretrained
 
-    task, state, _ = restore(config, workdir)
+    experiment = restore(config, workdir)
+    task, state = experiment.task, experiment.state
     variables = jax.device_get(state.variables)
     if adapters_only:
         factors = lora.factors_by_path(variables["lora"])

@@ -5,18 +5,21 @@ changes what it needs. `validate` runs before anything heavy and raises `ConfigE
 naming the key and what would be valid, for an unknown key, a wrong type, a bad choice, a missing
 file or a batch that does not divide the devices.
 
-Sections: model, data, peft, optim, schedule, train, checkpoint, logging, mesh (see the comments
-in `default_config`).
+Sections: model, data, peft, optim, schedule, train, checkpoint, logging, mesh, sharding (see the
+comments in `default_config`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Any
 
 import ml_collections
 
-from lorax_ft import optim
+from lorax_ft import mesh as mesh_lib
+from lorax_ft import optim, sharding
 from lorax_ft.data import default_data_config
 from lorax_ft.models.lora_targets import lora_targets
 from lorax_ft.spec import FULL_FINETUNE, LoRA, Spec, Train
@@ -92,12 +95,28 @@ def default_config() -> ConfigDict:
     )
     config.checkpoint = ConfigDict({"keep": 2, "use_async": True})
     config.logging = ConfigDict({"tensorboard": True, "plots": True, "progress": True})
-    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Device mesh sizes; one may be -1 (the rest). data: batch only; fsdp: batch, and parameters
+    # and optimizer state split (ZeRO-3); tensor: layers' feature axes split (Megatron).
+    config.mesh = mesh_lib.data_parallel()
+    config.sharding = ConfigDict(
+        {
+            # (logical axis name, mesh axis or None): parameters of lorax_ft.models carry logical
+            # axis names; the first rule for a name whose mesh axis is free and divides wins.
+            "logical_rules": sharding.DEFAULT_RULES,
+            # (regex over parameter paths, (mesh axis or None, ...) per dimension): first full
+            # match wins over the logical rules; for models without logical axis names.
+            "path_rules": (),
+        }
+    )
     return config
 
 
-def validate(config: ConfigDict, num_devices: int | None = None) -> None:
-    """Raises ConfigError on the first problem found."""
+def validate(config: ConfigDict, num_devices: int | None = None, process_count: int = 1) -> None:
+    """Raises ConfigError on the first problem found.
+
+    With `num_devices`, also checks the mesh, the sharding rules and that batches divide over
+    the devices that split them and over the processes that read them.
+    """
     _check_keys(config, default_config(), "")
     for key, valid in CHOICES.items():
         section, name = key.split(".")
@@ -124,16 +143,55 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
             f"train.grad_accum={train.grad_accum}"
         )
     if num_devices is not None:
-        micro = train.batch_size // train.grad_accum
-        for key, size in (
-            ("batch_size // grad_accum", micro),
-            ("eval_batch_size", train.eval_batch_size),
-        ):
-            if size % num_devices:
-                raise ConfigError(
-                    f"train.{key}={size} does not divide over the {num_devices} devices; use a "
-                    f"multiple of {num_devices}"
-                )
+        _check_mesh(config, num_devices, process_count)
+
+
+def _check_mesh(config: ConfigDict, num_devices: int, process_count: int) -> None:
+    try:
+        sizes = mesh_lib.mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for index, rule in enumerate(config.sharding.logical_rules):
+        axes = rule[1] if len(rule) == 2 else None
+        named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if len(rule) != 2 or not isinstance(rule[0], str) or set(named) - set(sizes):
+            raise ConfigError(
+                f"sharding.logical_rules[{index}]={tuple(rule)!r} must be (logical name, mesh "
+                f"axis or None) with mesh axes in {tuple(sizes)}"
+            )
+    for index, rule in enumerate(config.sharding.path_rules):
+        named = [a for e in (rule[1] if len(rule) == 2 else ()) for a in _axes_of(e)]
+        if len(rule) != 2 or not _is_regex(rule[0]) or set(named) - set(sizes):
+            raise ConfigError(
+                f"sharding.path_rules[{index}]={tuple(rule)!r} must be (regex, (mesh axis or "
+                f"None, ...)) with mesh axes in {tuple(sizes)}"
+            )
+    train = config.train
+    ways = sizes["data"] * sizes["fsdp"]
+    described = f"mesh data={sizes['data']} × fsdp={sizes['fsdp']}"
+    for key, size in (
+        ("batch_size // grad_accum", train.batch_size // train.grad_accum),
+        ("eval_batch_size", train.eval_batch_size),
+    ):
+        if size % ways or size % process_count:
+            multiple = math.lcm(ways, process_count)
+            raise ConfigError(
+                f"train.{key}={size} does not divide over the {ways} devices that split the "
+                f"batch ({described}) and {process_count} process(es); use a multiple of "
+                f"{multiple}"
+            )
+
+
+def _axes_of(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _is_regex(pattern) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError):
+        return False
+    return True
 
 
 def _check_keys(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:

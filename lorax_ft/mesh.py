@@ -21,6 +21,8 @@ import ml_collections
 from jax.sharding import Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+"""Mesh axes the leading (batch) dimension of batches and activations is split over."""
 
 
 def data_parallel() -> ml_collections.ConfigDict:

@@ -136,4 +136,3 @@ def make_optimizer(
     )
     clip = config.optim.clip_norm
     return optax.chain(optax.clip_by_global_norm(clip), partitioned) if clip else partitioned
-

@@ -17,6 +17,7 @@ jitted with those shardings, the batch split over (`data`, `fsdp`), and the stat
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,11 +28,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lorax_ft import partition
+from lorax_ft.mesh import BATCH_AXES
 from lorax_ft.train_step import LossFn, TrainState, init_state, make_train_step
 
 PyTree = Any
-BATCH_AXES = ("data", "fsdp")
-"""Mesh axes the leading (batch) dimension of every batch array is split over."""
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -103,6 +103,35 @@ def state_shardings(
     )
 
 
+def abstract_train_state(
+    init_variables: Callable[..., PyTree],
+    *args: Any,
+    labels: PyTree,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh,
+    shard_variables: Callable[[PyTree], PyTree],
+) -> tuple[TrainState, TrainState]:
+    """(shapes, shardings) of the step-0 state `init_train_state` would build; nothing runs.
+
+    `args` may be arrays or `jax.ShapeDtypeStruct`s. The shapes come back as
+    `jax.ShapeDtypeStruct`s carrying their shardings, ready for `jitted.lower(...)`.
+    """
+
+    def init(rng, *args):
+        return init_state(init_variables(*args), labels, tx, rng)
+
+    abstract = jax.eval_shape(init, rng, *args)
+    variables = partition.combine(abstract.frozen, abstract.trainable)
+    shardings = state_shardings(abstract, tx, shard_variables(variables), mesh)
+    placed = jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        abstract,
+        shardings,
+    )
+    return placed, shardings
+
+
 def init_train_state(
     init_variables: Callable[..., PyTree],
     *args: Any,
@@ -111,6 +140,7 @@ def init_train_state(
     rng: jax.Array,
     mesh: Mesh,
     shard_variables: Callable[[PyTree], PyTree],
+    donate_args: bool = False,
     compiler_options: dict[str, Any] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """A step-0 `TrainState` created directly in its shards, and its shardings.
@@ -125,6 +155,9 @@ def init_train_state(
       mesh: the mesh.
       shard_variables: abstract variables -> their shardings, e.g.
         `functools.partial(sharding.variable_shardings, mesh=mesh, logical_axes=...)`.
+      donate_args: donate `args` to the state, so that params passed in (already placed in their
+        shardings, e.g. by the loader) become the state's leaves without a second copy; they
+        must not be used afterwards.
       compiler_options: XLA options for this compilation (as `jax.jit`'s).
 
     Returns:
@@ -134,12 +167,27 @@ def init_train_state(
     def init(rng, *args):
         return init_state(init_variables(*args), labels, tx, rng)
 
-    abstract = jax.eval_shape(init, rng, *args)
-    variables = partition.combine(abstract.frozen, abstract.trainable)
-    shardings = state_shardings(abstract, tx, shard_variables(variables), mesh)
-    init = jax.jit(init, out_shardings=shardings, compiler_options=compiler_options)
-    state = init(rng, *args)
-    return state, shardings
+    _, shardings = abstract_train_state(
+        init_variables, *args, labels=labels, tx=tx, rng=rng, mesh=mesh,
+        shard_variables=shard_variables,
+    )  # fmt: skip
+    donate = tuple(range(1, 1 + len(args))) if donate_args else ()
+    init = jax.jit(
+        init, out_shardings=shardings, donate_argnums=donate, compiler_options=compiler_options
+    )
+    return init(rng, *args), shardings
+
+
+def _on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` traced with `mesh` as the current mesh: `lorax_ft.factored` then keeps every adapted
+    or frozen layer's output split over the batch axes (see `factored.split_over_batch`)."""
+
+    @functools.wraps(fn)
+    def traced_on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced_on_mesh
 
 
 def make_sharded_train_step(
@@ -156,12 +204,14 @@ def make_sharded_train_step(
     """`make_train_step(apply_fn, loss_fn, tx, schedule, **step_options)`, jitted for `mesh`.
 
     The state goes in and out with `shardings` and is donated; the batch is split over
-    (`data`, `fsdp`); metrics come back replicated. `compiler_options` go to `jax.jit`, the
+    (`data`, `fsdp`), and so are the activations of the layers `factored` sees (without that,
+    XLA may split activations on the model axis the FSDP weights are split on, holding the whole
+    batch on every device); metrics come back replicated. `compiler_options` go to `jax.jit`, the
     other keywords (`grad_accum`, `skip_nonfinite`) to `make_train_step`. The returned function
     checks, before the jitted call, that every batch array's leading dimension divides over the
     batch devices.
     """
-    step = make_train_step(apply_fn, loss_fn, tx, schedule, **step_options)
+    step = _on_mesh(make_train_step(apply_fn, loss_fn, tx, schedule, **step_options), mesh)
     jitted = jax.jit(
         step,
         in_shardings=(shardings, batch_sharding(mesh)),
@@ -182,3 +232,32 @@ def make_sharded_train_step(
 
     sharded_step.jitted = jitted  # for .lower(...) and cost analysis
     return sharded_step
+
+
+def make_sharded_eval_step(
+    eval_fn: Callable[[TrainState, Any], Any],
+    shardings: TrainState,
+    mesh: Mesh,
+    *,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable[[TrainState, Any], Any]:
+    """`eval_fn(state, batch) -> statistics`, jitted for `mesh`: the state is read, never
+    donated; the batch is split over (`data`, `fsdp`); the statistics come back replicated."""
+    return jax.jit(
+        _on_mesh(eval_fn, mesh),
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+        compiler_options=compiler_options,
+    )
+
+
+def global_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
+    """One global batch from every process's local rows, split over (`data`, `fsdp`).
+
+    Process `p` of `P` passes rows `[p·B/P, (p+1)·B/P)` of the global batch (what
+    `lorax_ft.data.make_pipeline` gives it); on one process the local batch is the global one.
+
+    >>> batch = global_batch(next(train_data), mesh)   # doctest: +SKIP
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorax_ft.models import BertForSequenceClassification, load_pretrained
+from lorax_ft.models import BertForSequenceClassification, abstract_params, load_pretrained
 
 PyTree = Any
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -43,8 +43,17 @@ class Task:
     data_kwargs: dict = dataclasses.field(default_factory=dict)  # special tokens for the data
 
 
-def build(config, num_labels: int | None = None) -> Task:
-    """The task a config describes (`num_labels` is needed for classification)."""
+def build(config, num_labels: int | None = None, *, place=None, read_weights: bool = True) -> Task:
+    """The task a config describes (`num_labels` is needed for classification).
+
+    Args:
+      config: the experiment config.
+      num_labels: classes, for classification.
+      place: optional `module -> shardings of its params` (e.g. from logical axes on a mesh);
+        weights are read straight into those shardings and a new head is created in them.
+      read_weights: False builds the task with `jax.ShapeDtypeStruct` params (shapes and
+        shardings only, nothing read or allocated), for planning.
+    """
     model = config.model
     overrides = {
         "dtype": _DTYPES[model.dtype],
@@ -52,31 +61,65 @@ def build(config, num_labels: int | None = None) -> Task:
         "scan_layers": model.scan_layers,
         "remat": model.remat,
     }
-    module, params, model_config, tokenizer = load_pretrained(
-        model.preset or model.path, **overrides
-    )
-    if model.task == "classification":
-        return _classification(config, module, params, model_config, tokenizer, num_labels)
-    return _causal_lm(module, params, model_config, tokenizer)
-
-
-def _classification(config, encoder, params, model_config, tokenizer, num_labels) -> Task:
+    source = model.preset or model.path
+    if model.task == "causal_lm":
+        module, params, model_config, tokenizer = load_pretrained(
+            source, shardings=place, read_weights=read_weights, **overrides
+        )
+        return _causal_lm(module, params, model_config, tokenizer)
     if num_labels is None or num_labels < 2:
         raise ValueError(f"classification needs at least 2 labels, the data has {num_labels}")
-    if isinstance(encoder, BertForSequenceClassification):
-        params = params["bert"]
+    _, _, encoder_config, _ = load_pretrained(source, read_weights=False, **overrides)
     model_config = dataclasses.replace(
-        model_config,
+        encoder_config,
         num_labels=num_labels,
-        classifier_pooling=config.model.classifier_pooling,
-        classifier_dropout=config.model.classifier_dropout,
+        classifier_pooling=model.classifier_pooling,
+        classifier_dropout=model.classifier_dropout,
     )
     module = BertForSequenceClassification(model_config)
+    placed = place(module) if place is not None else None
+
+    def encoder_shardings(loaded):
+        # The loaded checkpoint is an encoder, or a classifier with a head of its own.
+        if placed is None:
+            return None
+        if isinstance(loaded, BertForSequenceClassification):
+            return {**place(loaded), "bert": placed["bert"]}
+        return placed["bert"]
+
+    _, params, _, tokenizer = load_pretrained(
+        source, shardings=encoder_shardings, read_weights=read_weights, **overrides
+    )
+    if "bert" in params and "classifier" in params:
+        params = params["bert"]
+    return _classification(config, module, params, model_config, tokenizer, placed, read_weights)
+
+
+def _classification(config, module, encoder, model_config, tokenizer, placed, read_weights):
+    num_labels = model_config.num_labels
     example = (jnp.zeros((1, 8), jnp.int32),)
-    # A fresh head on the pretrained encoder: initialise everything, keep only the new leaves.
-    fresh = nn.unbox(jax.jit(module.init)(jax.random.key(config.train.seed), *example))["params"]
-    _check_same_shapes(fresh["bert"], params)
-    params = {**fresh, "bert": params}
+    shapes = abstract_params(module)
+    _check_same_shapes(shapes["bert"], encoder)
+    # A fresh head on the pretrained encoder: everything but the encoder from the model's init
+    # (the unused encoder init is dead code to XLA), created in its shardings.
+    head_shapes = {k: v for k, v in shapes.items() if k != "bert"}
+    head_shardings = None if placed is None else {k: placed[k] for k in head_shapes}
+    if read_weights:
+
+        def init_head(key):
+            fresh = nn.unbox(module.init(key, *example))["params"]
+            return {k: v for k, v in fresh.items() if k != "bert"}
+
+        head = jax.jit(init_head, out_shardings=head_shardings)(jax.random.key(config.train.seed))
+    elif head_shardings is None:
+        head = head_shapes
+    else:
+        head = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            head_shapes,
+            head_shardings,
+        )
+    params = {**head, "bert": encoder}
 
     def forward(model, batch, rng=None):
         kwargs = {"rngs": {"dropout": rng}, "deterministic": False} if rng is not None else {}

@@ -74,8 +74,8 @@ def make_train_step(
         step's variables, `rng` is this step's key (for the model's own dropout).
       tx: the optimizer, e.g. `lorax_ft.optim.make_optimizer(config, labels)`.
       schedule: when given, the learning rate is reported as `metrics["lr"]`.
-      grad_accum: split the batch into this many micro-batches along its leading axis and average
-        their gradients (a `lax.scan`, so memory is that of one micro-batch).
+      grad_accum: split the batch into this many strided micro-batches along its leading axis
+        and average their gradients (a `lax.scan`, so memory is that of one micro-batch).
       skip_nonfinite: leave params and optimizer state unchanged when the loss or the gradient
         norm is not finite (`metrics["skipped"]` says so) instead of applying the update.
 
@@ -97,7 +97,11 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def accumulated(trainable, frozen, batch, rng):
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        # Micro-batch k is rows k, k + grad_accum, ...: a batch split over devices then gives
+        # every device its share of each micro-batch, with no data moved between devices.
+        micro = jax.tree.map(
+            lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch
+        )
 
         def body(carry, inputs):
             index, micro_batch = inputs

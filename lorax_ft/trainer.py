@@ -23,82 +23,57 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
-from lorax_ft import config as config_lib
-from lorax_ft import data, lora, optim, tasks
-from lorax_ft.checkpointing import Checkpointer, fingerprint
-from lorax_ft.factored import factored, infer_layouts
+from lorax_ft import data, lora
+from lorax_ft.checkpointing import Checkpointer
+from lorax_ft.experiment import Experiment, build
 from lorax_ft.metrics import MetricsWriter, plot_curves, read_metrics
-from lorax_ft.partition import variable_labels
-from lorax_ft.train_step import TrainState, init_state, make_train_step
+from lorax_ft.train_step import TrainState
 
 TIMING_KEYS = ("step_time_s", "tokens_per_s", "examples_per_s")
 """Logged metrics that measure the machine, not the run: they differ between identical runs."""
 
 
-def setup(config):
-    """Everything a run needs before its first step: task, spec, state, step functions, data."""
-    config_lib.validate(config, jax.device_count())
-    classify = config.model.task == "classification"
-    task = tasks.build(config, num_labels=_num_labels(config.data) if classify else None)
-    spec = config_lib.peft_spec(config.peft, task.model_config)
-    layouts = infer_layouts(task.module, task.params, *task.example_inputs)
-    rng = jax.random.key(config.train.seed)
-    adapters = lora.init(jax.random.fold_in(rng, 1), task.params, spec, layouts)
-    labels = variable_labels(task.params, adapters, spec)
-    tx = optim.make_optimizer(config, labels)
-    schedule = optim.make_schedule(config.schedule)
-    state = init_state(
-        {"params": task.params, "lora": adapters}, labels, tx, jax.random.fold_in(rng, 2)
-    )
-    apply_fn = factored(task.module)
-    train_step = make_train_step(
-        apply_fn, task.loss_fn, tx, schedule,
-        grad_accum=config.train.grad_accum,
-        skip_nonfinite=config.train.on_nonfinite == "skip",
-    )  # fmt: skip
-
-    def eval_step(state: TrainState, batch):
-        variables = state.variables
-        model = lambda *a, **k: apply_fn(variables["params"], variables["lora"], *a, **k)
-        return task.eval_fn(model, batch)
-
-    return task, spec, state, jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
-
-
-def _num_labels(data_config) -> int:
-    records = [record for _, record in data.load_records(data_config, "train")]
-    return len(data.label_vocabulary(records, data_config.labels))
-
-
-def evaluate(config, task, eval_step, state) -> dict:
+def evaluate(experiment: Experiment, state: TrainState) -> dict:
     """Eval metrics over the eval split (or its first `train.eval_steps` batches)."""
+    config, task = experiment.config, experiment.task
     batches = data.make_pipeline(
         config.data, task.tokenizer, split="eval", batch_size=config.train.eval_batch_size,
-        seed=config.train.seed, num_epochs=1, **task.data_kwargs,
+        seed=config.train.seed, num_epochs=1, process_index=jax.process_index(),
+        process_count=jax.process_count(), **task.data_kwargs,
     )  # fmt: skip
     totals = None
     for index, batch in enumerate(batches):
         if config.train.eval_steps and index >= config.train.eval_steps:
             break
-        stats = jax.device_get(eval_step(state, batch))
+        stats = experiment.eval_step(state, experiment.global_batch(batch))
+        stats = jax.device_get(stats)
         totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
     return task.summarize(totals)
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
-    """Trains as the config says, evaluating and checkpointing; returns the run summary."""
+    """Trains as the config says, evaluating and checkpointing; returns the run summary.
+
+    On a preemption notice (SIGTERM, once `jax.distributed` is initialised, as `lorax-ft` does)
+    every process reaches the same step, a checkpoint is saved there and the summary comes back
+    with `"preempted": True`; the same command resumes from that checkpoint.
+    """
     start_time = time.perf_counter()
     workdir = Path(workdir)
-    task, _, state, train_step, eval_step = setup(config)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    is_writer = jax.process_index() == 0
+    experiment = build(config)
+    task, state = experiment.task, experiment.state
+    is_writer = jax.process_index() == 0  # one process writes logs, reports and samples
+    if is_writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     writer = MetricsWriter(workdir, enabled=is_writer, tensorboard=config.logging.tensorboard)
     checkpoints = Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep, use_async=config.checkpoint.use_async
     )
-    base = fingerprint(task.params)
+    base = experiment.base_fingerprint
     train_data = data.make_pipeline(
         config.data, task.tokenizer, split="train", batch_size=config.train.batch_size,
         seed=config.train.seed, process_index=jax.process_index(),
@@ -113,21 +88,21 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         writer.truncate_after(-1)
     step = int(state.step)
     if step == 0:
-        writer.write(0, evaluate(config, task, eval_step, state))
-        _write_samples(config, workdir, task, state, "before")
+        writer.write(0, evaluate(experiment, state))
+        _write_samples(experiment, workdir, state, "before")
 
-    total_steps, times = config.train.steps, []
+    total_steps, times, preempted = config.train.steps, [], False
     progress = _progress(config, step, total_steps)
-    while step < total_steps:
-        batch = next(train_data)
+    while step < total_steps and not preempted:
+        batch = experiment.global_batch(next(train_data))
         tick = time.perf_counter()
-        state, metrics = train_step(state, batch)
+        state, metrics = experiment.train_step(state, batch)
         metrics = jax.device_get(metrics)
         times.append(time.perf_counter() - tick)
         step += 1
         _check_finite(config, metrics, step, checkpoints)
         if step % config.train.log_every == 0 or step == total_steps:
-            examples = len(batch["input_ids"])
+            examples = config.train.batch_size
             timing = {"step_time_s": times[-1], "examples_per_s": examples / times[-1]}
             if "tokens" in metrics:
                 timing["tokens_per_s"] = float(metrics["tokens"]) / times[-1]
@@ -135,25 +110,36 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
             progress.set_postfix(loss=f"{record['loss']:.4f}")
         every = config.train.eval_every
         if (every and step % every == 0) or step == total_steps:
-            writer.write(step, evaluate(config, task, eval_step, state))
-        if step % config.train.checkpoint_every == 0 or step == total_steps:
+            writer.write(step, evaluate(experiment, state))
+        # Every process asks at every step; all of them see the notice at the same step.
+        preempted = multihost_utils.reached_preemption_sync_point(step)
+        if preempted or step % config.train.checkpoint_every == 0 or step == total_steps:
             checkpoints.save(state, data_state=train_data.get_state(), base=base)
         progress.update(1)
     progress.close()
-    _write_samples(config, workdir, task, state, "after")
+    if preempted:
+        logging.warning("preempted: saved the checkpoint of step %d; rerun to resume", step)
+    else:
+        _write_samples(experiment, workdir, state, "after")
     checkpoints.wait()
     writer.close()
-    summary = _summarize(config, workdir, task, state, times, time.perf_counter() - start_time)
-    if is_writer:
+    summary = _summarize(experiment, workdir, state, times, time.perf_counter() - start_time)
+    summary["preempted"] = preempted
+    if is_writer and not preempted:
         _write_reports(config, workdir, summary)
     checkpoints.close()
     return summary
 
 
-def _write_samples(config, workdir: Path, task, state, when: str) -> None:
+def _write_samples(experiment: Experiment, workdir: Path, state, when: str) -> None:
     """Greedy completions of `train.sample_prompts` into `samples.json` (causal LMs only)."""
+    config, task = experiment.config, experiment.task
     prompts = list(config.train.sample_prompts)
-    if task.kind != "causal_lm" or not prompts or jax.process_index() != 0:
+    if task.kind != "causal_lm" or not prompts:
+        return
+    if jax.process_count() > 1:
+        # Decoding reads the prompts as host arrays, which a mesh across processes cannot take.
+        logging.warning("samples are not generated in multi-process runs; use `lorax-ft generate`")
         return
     from lorax_ft.commands import generate_texts
 
@@ -195,7 +181,8 @@ def _progress(config, start, total):
     return tqdm(total=total, initial=start, disable=disable, unit="step", dynamic_ncols=True)
 
 
-def _summarize(config, workdir, task, state, times, wall_s) -> dict:
+def _summarize(experiment: Experiment, workdir, state, times, wall_s) -> dict:
+    config, task = experiment.config, experiment.task
     records = (
         read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
     )
@@ -205,6 +192,8 @@ def _summarize(config, workdir, task, state, times, wall_s) -> dict:
     checkpoint_dir = workdir / "checkpoints" / str(int(state.step))
     return {
         "mode": config.peft.mode,
+        "mesh": dict(experiment.mesh.shape),
+        "processes": jax.process_count(),
         "steps": int(state.step),
         "trainable_params": trainable,
         "total_params": total,

@@ -1,0 +1,146 @@
+"""Everything a run needs before its first step, built from the experiment config on its mesh.
+
+`build(config)` validates the config, makes the mesh (`config.mesh`), loads the base weights
+straight into their shardings (`config.sharding` rules over the model's logical axes and
+parameter paths), creates the adapters and the optimizer state in their shards, and jits the
+shared train and eval steps for the mesh. LoRA and full fine-tuning take the same path; on one
+device the mesh is 1×1×1 and nothing changes. With `read_weights=False` nothing is read or
+allocated: the state is `jax.ShapeDtypeStruct`s with shardings, for `lorax-ft plan`.
+
+>>> experiment = build(config)                                          # doctest: +SKIP
+>>> batch = experiment.global_batch(next(train_data))                   # doctest: +SKIP
+>>> state, metrics = experiment.train_step(experiment.state, batch)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from lorax_ft import config as config_lib
+from lorax_ft import data, lora, optim, sharded_step, sharding, tasks
+from lorax_ft import mesh as mesh_lib
+from lorax_ft.checkpointing import fingerprint
+from lorax_ft.factored import factored, infer_layouts
+from lorax_ft.models import abstract_params, logical_axes
+from lorax_ft.partition import variable_labels
+from lorax_ft.spec import Spec
+from lorax_ft.train_step import TrainState
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class Experiment:
+    """A task on a mesh with its step-0 state and its jitted steps."""
+
+    config: Any
+    task: tasks.Task  # its params are shapes: the arrays moved into `state`
+    spec: Spec
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    state: TrainState  # arrays, or jax.ShapeDtypeStructs when built without weights
+    shardings: TrainState  # NamedSharding of every state leaf
+    base_fingerprint: str | None  # of the frozen base weights (None without weights)
+    train_step: Callable  # (state, batch) -> (state, metrics); donates the state
+    eval_step: Callable  # (state, batch) -> summed statistics, replicated
+
+    def global_batch(self, local_batch: PyTree) -> PyTree:
+        """This process's rows of a batch -> the global batch, split over (`data`, `fsdp`)."""
+        return sharded_step.global_batch(local_batch, self.mesh)
+
+
+def build(config, *, read_weights: bool = True, mode: str | None = None) -> Experiment:
+    """The experiment `config` describes, on `jax.devices()`.
+
+    Args:
+      config: the experiment config (validated here; `ConfigError` names a bad key).
+      read_weights: False builds shapes and shardings only (nothing read or allocated).
+      mode: `"lora"` or `"full"` to override `config.peft.mode` (the plan compares both).
+    """
+    if mode is not None:
+        config = config.copy_and_resolve_references()
+        config.peft.mode = mode
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = placement_rules(config)
+
+    def place(module):
+        return sharding.param_shardings(
+            abstract_params(module), mesh, logical_axes=logical_axes(module), **rules
+        )
+
+    num_labels = _num_labels(config.data) if config.model.task == "classification" else None
+    task = tasks.build(config, num_labels, place=place, read_weights=read_weights)
+    spec = config_lib.peft_spec(config.peft, task.model_config)
+    layouts = infer_layouts(task.module, task.params, *task.example_inputs)
+
+    def init_variables(key, params):
+        return {"params": params, "lora": lora.init(key, params, spec, layouts)}
+
+    rng = jax.random.key(config.train.seed)
+    args = (jax.random.fold_in(rng, 1), task.params)
+    adapters = jax.eval_shape(init_variables, *args)["lora"]
+    labels = variable_labels(task.params, adapters, spec)
+    tx = optim.make_optimizer(config, labels)
+    shard_variables = functools.partial(
+        sharding.variable_shardings,
+        mesh=mesh,
+        layouts=layouts,
+        logical_axes=logical_axes(task.module),
+        **rules,
+    )
+    options = dict(labels=labels, tx=tx, rng=jax.random.fold_in(rng, 2), mesh=mesh)
+    options["shard_variables"] = shard_variables
+    base = None
+    if read_weights:
+        base = fingerprint(task.params)
+        shapes = jax.tree.map(_shape_of, task.params)
+        # The loaded arrays become the state's frozen leaves: donated, not copied.
+        state, shardings = sharded_step.init_train_state(
+            init_variables, *args, donate_args=True, **options
+        )
+        task = dataclasses.replace(task, params=shapes)
+    else:
+        state, shardings = sharded_step.abstract_train_state(init_variables, *args, **options)
+
+    apply_fn = factored(task.module)
+    train_step = sharded_step.make_sharded_train_step(
+        apply_fn, task.loss_fn, tx, shardings, mesh, optim.make_schedule(config.schedule),
+        grad_accum=config.train.grad_accum,
+        skip_nonfinite=config.train.on_nonfinite == "skip",
+    )  # fmt: skip
+
+    def evaluate(state: TrainState, batch):
+        variables = state.variables
+        model = lambda *a, **k: apply_fn(variables["params"], variables["lora"], *a, **k)
+        return task.eval_fn(model, batch)
+
+    eval_step = sharded_step.make_sharded_eval_step(evaluate, shardings, mesh)
+    return Experiment(
+        config, task, spec, mesh, tx, state, shardings, base, train_step, eval_step
+    )  # fmt: skip
+
+
+def placement_rules(config) -> dict[str, Any]:
+    """`sharding.param_specs` keyword arguments from the config's `sharding` section."""
+    return {
+        "rules": tuple(tuple(rule) for rule in config.sharding.logical_rules),
+        "path_rules": tuple((regex, P(*spec)) for regex, spec in config.sharding.path_rules),
+    }
+
+
+def _shape_of(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _num_labels(data_config) -> int:
+    records = [record for _, record in data.load_records(data_config, "train")]
+    return len(data.label_vocabulary(records, data_config.labels))
