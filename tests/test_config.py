@@ -31,6 +31,22 @@ def test_config_arguments_are_checked():
         (lambda c: c.schedule.__setattr__("name", "cyclic"), "schedule.name='cyclic' is not one"),
         (lambda c: c.train.__setattr__("grad_accum", 3), "not divisible by train.grad_accum=3"),
         (lambda c: c.train.__setattr__("batch_size", 20), "does not divide over the 8 devices"),
+        (lambda c: c.mesh.__setattr__("fsdp", 3), "mesh data=-1 × fsdp=3 × tensor=1 does not fit"),
+        (lambda c: c.mesh.update(data=1, fsdp=-1, tensor=-1), "are all -1"),
+        # With tensor=4 only data=2 devices split the batch: 6 would do, 5 does not.
+        (
+            lambda c: c.update_from_flattened_dict({"mesh.tensor": 4, "train.batch_size": 5}),
+            r"batch_size // grad_accum=5 does not divide over the 2 devices that split the batch "
+            r"\(mesh data=2 × fsdp=1\)",
+        ),
+        (
+            lambda c: c.sharding.__setattr__("logical_rules", (("embed", "fsdpp"),)),
+            r"sharding.logical_rules\[0\]=\('embed', 'fsdpp'\) must be",
+        ),
+        (
+            lambda c: c.sharding.__setattr__("path_rules", (("bert/(", ("fsdp",)),)),
+            r"sharding.path_rules\[0\]=.* must be \(regex",
+        ),
     ],
 )
 def test_each_bad_config_names_its_key(edit, message):
