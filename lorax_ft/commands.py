@@ -52,11 +52,18 @@ def generate(config, workdir, prompts) -> dict:
         raise ValueError(f"generate needs model.task='causal_lm', not {config.model.task!r}")
     experiment = restore(config, workdir)
     task, state = experiment.task, experiment.state
-    params = lora.merge(state.variables["params"], state.variables["lora"])
+    params = merged_params(state.variables)
     prompts = prompts or ["Hello"]
     rendered = [generation_prompt(config.data, p) for p in prompts]  # the chat template, if any
     texts = generate_texts(task, params, rendered, config.train.max_new_tokens)
     return {"step": int(state.step), "samples": dict(zip(prompts, texts, strict=True))}
+
+
+@jax.jit
+def merged_params(variables):
+    """`{"params", "lora"}` -> params with every adapter merged in: one compiled program, so the
+    merged kernels stay where (and sharded as) their base kernels are."""
+    return lora.merge(variables["params"], variables["lora"])
 
 
 def generate_texts(task, params, prompts, max_new_tokens) -> list[str]:
@@ -64,11 +71,21 @@ def generate_texts(task, params, prompts, max_new_tokens) -> list[str]:
     from lorax_ft.models.generate import Sampling
     from lorax_ft.models.generate import generate as generate_tokens
 
+    params = _one_copy_if_replicated(params)
     ids = [task.tokenizer.encode(p).ids for p in prompts]
     stops = tuple(getattr(task.model_config, "eos_token_ids", ()) or ())
     sampling = Sampling(max_new_tokens=max_new_tokens, stop_tokens=stops)
     out = generate_tokens(task.module, params, ids, sampling)
     return [task.tokenizer.decode(list(np.asarray(row))) for row in out]
+
+
+def _one_copy_if_replicated(params):
+    """Params every device holds whole (data parallelism) -> one device's copy (no copy is made):
+    decoding one batch of prompts on identical replicas would only repeat the work."""
+    leaves = jax.tree.leaves(params)
+    if all(x.is_fully_addressable and x.sharding.is_fully_replicated for x in leaves):
+        return jax.tree.map(lambda x: x.addressable_shards[0].data, params)
+    return params
 
 
 def export(config, workdir, export_dir, adapters_only: bool) -> dict:
@@ -77,9 +94,8 @@ def export(config, workdir, export_dir, adapters_only: bool) -> dict:
 
     experiment = restore(config, workdir)
     task, state = experiment.task, experiment.state
-    variables = jax.device_get(state.variables)
     if adapters_only:
-        factors = lora.factors_by_path(variables["lora"])
+        factors = lora.factors_by_path(jax.device_get(state.variables["lora"]))
 
         def write(directory):
             tensors = {}
@@ -95,7 +111,7 @@ def export(config, workdir, export_dir, adapters_only: bool) -> dict:
                 json.dump({"adapters": meta, "trained_fully": sorted(trained)}, fh, indent=2)
 
     else:
-        merged = lora.merge(variables["params"], variables["lora"])
+        merged = jax.device_get(merged_params(state.variables))
 
         def write(directory):
             save_pretrained(directory, task.module, merged, tokenizer=task.tokenizer)

@@ -141,10 +141,9 @@ def _write_samples(experiment: Experiment, workdir: Path, state, when: str) -> N
         # Decoding reads the prompts as host arrays, which a mesh across processes cannot take.
         logging.warning("samples are not generated in multi-process runs; use `lorax-ft generate`")
         return
-    from lorax_ft.commands import generate_texts
+    from lorax_ft.commands import generate_texts, merged_params
 
-    variables = state.variables
-    params = lora.merge(variables["params"], variables["lora"])
+    params = merged_params(state.variables)
     texts = [generation_prompt(config.data, p) for p in prompts]
     completions = generate_texts(task, params, texts, config.train.max_new_tokens)
     path = workdir / "samples.json"

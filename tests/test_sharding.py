@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 import lorax_ft as lf
 from lorax_ft import lora, optim, sharding
 from lorax_ft import mesh as mesh_lib
+from lorax_ft.factored import split_over_batch
 from lorax_ft.models import LlamaConfig, LlamaForCausalLM, logical_axes
 from lorax_ft.sharded_step import init_train_state, make_sharded_train_step
 from tests import toy_models as tm
@@ -329,3 +330,25 @@ def test_batch_that_does_not_divide_is_an_error():
     *_, step = _sharded("lora", "fsdp_tensor")  # data × fsdp = 4
     with pytest.raises(ValueError, match="batch size 6 does not divide over the 4 batch devices"):
         step(None, BATCH[:6])
+
+
+def test_layer_outputs_stay_split_over_the_batch_axes():
+    """Traced on an FSDP mesh, an adapted model's layer outputs are split over `fsdp` on their
+    batch axis; the same function traced without a mesh leaves XLA free (here: no split)."""
+    mesh = mesh_lib.make_mesh(mesh_lib.fsdp())
+    x = jnp.ones((8, 4, 16))
+    replicated = jax.sharding.NamedSharding(mesh, P())
+
+    def placed(use_mesh: bool):
+        def fn(x):
+            if not use_mesh:
+                return split_over_batch(x * 2)
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return split_over_batch(x * 2)
+
+        return jax.jit(fn, in_shardings=replicated)(x).sharding
+
+    assert placed(True).is_equivalent_to(jax.sharding.NamedSharding(mesh, P("fsdp")), 3)
+    assert placed(False).is_fully_replicated
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # a batch of 6 does not divide by 8
+        assert split_over_batch(jnp.ones((6, 3))).shape == (6, 3)
