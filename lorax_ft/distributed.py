@@ -42,10 +42,13 @@ def initialize(
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return
     try:
-        # Cluster auto-detection. Nothing detected is a ValueError raised before any connection
-        # is attempted; failures to reach a detected cluster's coordinator propagate.
+        # Cluster auto-detection. Nothing detected is a ValueError about the missing coordinator,
+        # raised before any connection is attempted; any other failure (a detected cluster that
+        # is misconfigured or unreachable) propagates rather than falling back to one process.
         jax.distributed.initialize()
-    except ValueError:
+    except ValueError as e:
+        if "coordinator_address" not in str(e):
+            raise
         # One process: its CPU devices (simulated ones, in tests) keep in-process collectives,
         # which are several times faster than gloo's TCP ones.
         jax.config.update("jax_cpu_collectives_implementation", None)
