@@ -103,6 +103,15 @@ def state_shardings(
     )
 
 
+def _state_init(init_variables, labels, tx) -> Callable[..., TrainState]:
+    """`(rng, *args) -> step-0 state` around `init_variables(*args)`."""
+
+    def init(rng, *args):
+        return init_state(init_variables(*args), labels, tx, rng)
+
+    return init
+
+
 def abstract_train_state(
     init_variables: Callable[..., PyTree],
     *args: Any,
@@ -117,11 +126,7 @@ def abstract_train_state(
     `args` may be arrays or `jax.ShapeDtypeStruct`s. The shapes come back as
     `jax.ShapeDtypeStruct`s carrying their shardings, ready for `jitted.lower(...)`.
     """
-
-    def init(rng, *args):
-        return init_state(init_variables(*args), labels, tx, rng)
-
-    abstract = jax.eval_shape(init, rng, *args)
+    abstract = jax.eval_shape(_state_init(init_variables, labels, tx), rng, *args)
     variables = partition.combine(abstract.frozen, abstract.trainable)
     shardings = state_shardings(abstract, tx, shard_variables(variables), mesh)
     placed = jax.tree.map(
@@ -163,17 +168,16 @@ def init_train_state(
     Returns:
       (state, shardings): the state, and a `TrainState` of its leaves' `NamedSharding`s.
     """
-
-    def init(rng, *args):
-        return init_state(init_variables(*args), labels, tx, rng)
-
     _, shardings = abstract_train_state(
         init_variables, *args, labels=labels, tx=tx, rng=rng, mesh=mesh,
         shard_variables=shard_variables,
     )  # fmt: skip
     donate = tuple(range(1, 1 + len(args))) if donate_args else ()
     init = jax.jit(
-        init, out_shardings=shardings, donate_argnums=donate, compiler_options=compiler_options
+        _state_init(init_variables, labels, tx),
+        out_shardings=shardings,
+        donate_argnums=donate,
+        compiler_options=compiler_options,
     )
     return init(rng, *args), shardings
 
