@@ -153,14 +153,14 @@ def _check_mesh(config: ConfigDict, num_devices: int, process_count: int) -> Non
         raise ConfigError(str(e)) from None
     for index, rule in enumerate(config.sharding.logical_rules):
         axes = rule[1] if len(rule) == 2 else None
-        named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        named = sharding.axes_tuple(axes)
         if len(rule) != 2 or not isinstance(rule[0], str) or set(named) - set(sizes):
             raise ConfigError(
                 f"sharding.logical_rules[{index}]={tuple(rule)!r} must be (logical name, mesh "
                 f"axis or None) with mesh axes in {tuple(sizes)}"
             )
     for index, rule in enumerate(config.sharding.path_rules):
-        named = [a for e in (rule[1] if len(rule) == 2 else ()) for a in _axes_of(e)]
+        named = [a for e in (rule[1] if len(rule) == 2 else ()) for a in sharding.axes_tuple(e)]
         if len(rule) != 2 or not _is_regex(rule[0]) or set(named) - set(sizes):
             raise ConfigError(
                 f"sharding.path_rules[{index}]={tuple(rule)!r} must be (regex, (mesh axis or "
@@ -180,10 +180,6 @@ def _check_mesh(config: ConfigDict, num_devices: int, process_count: int) -> Non
                 f"batch ({described}) and {process_count} process(es); use a multiple of "
                 f"{multiple}"
             )
-
-
-def _axes_of(entry) -> tuple:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _is_regex(pattern) -> bool:

@@ -15,7 +15,6 @@ allocated: the state is `jax.ShapeDtypeStruct`s with shardings, for `lorax-ft pl
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -90,13 +89,15 @@ def build(config, *, read_weights: bool = True, mode: str | None = None) -> Expe
     adapters = jax.eval_shape(init_variables, *args)["lora"]
     labels = variable_labels(task.params, adapters, spec)
     tx = optim.make_optimizer(config, labels)
-    shard_variables = functools.partial(
-        sharding.variable_shardings,
-        mesh=mesh,
-        layouts=layouts,
-        logical_axes=logical_axes(task.module),
-        **rules,
-    )
+    # The params already sit in (or, as shapes, carry) their shardings; the factors follow them.
+    param_shardings = jax.tree.map(lambda x: x.sharding, task.params)
+
+    def shard_variables(variables):
+        adapters = sharding.lora_shardings(
+            variables["lora"], variables["params"], param_shardings, layouts
+        )
+        return {"params": param_shardings, "lora": adapters}
+
     options = dict(labels=labels, tx=tx, rng=jax.random.fold_in(rng, 2), mesh=mesh)
     options["shard_variables"] = shard_variables
     base = None

@@ -62,7 +62,8 @@ DEFAULT_RULES: tuple[LogicalRule, ...] = (
 # One parameter
 
 
-def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    """The mesh axes one spec entry names: None -> (), 'fsdp' -> ('fsdp',), a tuple as is."""
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -97,7 +98,7 @@ def logical_to_spec(
         for rule_name, rule_axes in rules if name is not None else ():
             if rule_name != name:
                 continue
-            axes = _axes_tuple(rule_axes)
+            axes = axes_tuple(rule_axes)
             _check_axes(axes, mesh, f"logical rule {(rule_name, rule_axes)!r}")
             axes = tuple(a for a in axes if mesh.shape[a] > 1)
             if used & set(axes) or size % math.prod(mesh.shape[a] for a in axes):
@@ -118,7 +119,7 @@ def fit_spec(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
     entries += (None,) * (len(shape) - len(entries))
     out = []
     for size, entry in zip(shape, entries, strict=True):
-        axes = _axes_tuple(entry)
+        axes = axes_tuple(entry)
         _check_axes(axes, mesh, f"partition spec {spec}")
         axes = tuple(a for a in axes if mesh.shape[a] > 1)
         out.append(None if size % math.prod(mesh.shape[a] for a in axes) else _entry(axes))
@@ -143,7 +144,7 @@ def lora_specs(
         inputs = layout.inputs
     else:
         inputs = next(k for k in range(len(core) + 1) if math.prod(core[:k]) == fan_in)
-    merged = lambda axes: _entry([a for e in axes for a in _axes_tuple(e)])
+    merged = lambda axes: _entry([a for e in axes for a in axes_tuple(e)])
     stacked = entries[:stack]
     in_axes = merged(entries[stack : stack + inputs])
     out_axes = merged(entries[stack + inputs :])
