@@ -9,12 +9,11 @@ Both modes get the same budget (steps, batch, sequence length); only the spec an
 rate differ. The classifier head is new, so LoRA trains it fully.
 """
 
-from configs.common import parse_arg, shrink_to_tiny
-from lorax_ft.config import default_config
+from lorax_ft.config import default_config, parse_variant, shrink_to_tiny
 
 
 def get_config(arg: str | None = None):
-    mode, tiny = parse_arg(arg, "bbc_minilm")
+    mode, tiny = parse_variant(arg, "bbc_minilm")
 
     config = default_config()
     config.model.preset = "all-minilm-l6-v2"
@@ -51,5 +50,4 @@ def get_config(arg: str | None = None):
         shrink_to_tiny(config, max_length=32, steps=4)
         config.train.eval_batch_size = 16
         config.train.eval_steps = 2
-    config.schedule.total_steps = config.train.steps
     return config

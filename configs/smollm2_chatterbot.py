@@ -6,12 +6,11 @@ r"""SmolLM2-135M-Instruct, LoRA on the chatterbot-en question/answer pairs (Chat
 Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a short smoke run.
 """
 
-from configs.common import parse_arg, shrink_to_tiny
-from lorax_ft.config import default_config
+from lorax_ft.config import default_config, parse_variant, shrink_to_tiny
 
 
 def get_config(arg: str | None = None):
-    mode, tiny = parse_arg(arg, "smollm2_chatterbot")
+    mode, tiny = parse_variant(arg, "smollm2_chatterbot")
     config = default_config()
     config.model.preset = "smollm2-135m-instruct"  # Q4_1 GGUF, dequantized to float32
     config.model.task = "causal_lm"
@@ -41,5 +40,4 @@ def get_config(arg: str | None = None):
     if tiny:
         shrink_to_tiny(config, max_length=16, steps=2)
         config.train.sample_prompts = ("Hi",)
-    config.schedule.total_steps = config.train.steps
     return config

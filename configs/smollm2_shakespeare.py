@@ -5,12 +5,11 @@ r"""SmolLM2-135M-Instruct, LoRA on Shakespeare's plays as packed plain text (cau
 Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a short smoke run.
 """
 
-from configs.common import parse_arg, shrink_to_tiny
-from lorax_ft.config import default_config
+from lorax_ft.config import default_config, parse_variant, shrink_to_tiny
 
 
 def get_config(arg: str | None = None):
-    mode, tiny = parse_arg(arg, "smollm2_shakespeare")
+    mode, tiny = parse_variant(arg, "smollm2_shakespeare")
     config = default_config()
     config.model.preset = "smollm2-135m-instruct"
     config.model.task = "causal_lm"
@@ -40,5 +39,4 @@ def get_config(arg: str | None = None):
     if tiny:
         shrink_to_tiny(config, max_length=16, steps=2)
         config.train.sample_prompts = ("ROMEO:",)
-    config.schedule.total_steps = config.train.steps
     return config

@@ -20,14 +20,16 @@ import ml_collections
 
 from lorax_ft import mesh as mesh_lib
 from lorax_ft import optim, sharding
-from lorax_ft.data import default_data_config
+from lorax_ft.data import CHAT_FORMATS, default_data_config
+from lorax_ft.errors import UserError
+from lorax_ft.models.layers import REMAT_POLICIES
 from lorax_ft.models.lora_targets import lora_targets
 from lorax_ft.spec import FULL_FINETUNE, LoRA, Spec, Train
 
 ConfigDict = ml_collections.ConfigDict
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the key."""
 
 
@@ -40,6 +42,43 @@ CHOICES = {
     "optim.name": optim.OPTIMIZERS,
     "schedule.name": optim.SCHEDULES,
     "train.on_nonfinite": ("stop", "skip"),
+    "model.classifier_pooling": ("mean", "cls", "pooler"),
+    "model.remat": ("none", *REMAT_POLICIES),
+    "data.chat_format": tuple(CHAT_FORMATS),
+}
+
+# (lowest, highest, whether the bounds themselves are allowed): numbers outside these ranges
+# crash (a division by zero, an allocation of terabytes) or train something other than asked.
+RANGES = {
+    "model.classifier_dropout": (0, 1, "[)"),
+    "data.max_length": (2, math.inf, "[]"),  # an input token and the one it predicts
+    "data.eval_fraction": (0, 1, "()"),
+    "data.read_threads": (1, math.inf, "[]"),
+    "data.prefetch_batches": (0, math.inf, "[]"),
+    "peft.rank": (1, math.inf, "[]"),
+    "peft.alpha": (0, math.inf, "()"),  # alpha 0 would train factors that change nothing
+    "peft.dropout": (0, 1, "[)"),
+    "optim.b1": (0, 1, "[)"),
+    "optim.b2": (0, 1, "[)"),
+    "optim.eps": (0, math.inf, "[]"),
+    "optim.weight_decay": (0, math.inf, "[]"),
+    "optim.momentum": (0, 1, "[)"),
+    "optim.clip_norm": (0, math.inf, "[]"),
+    "optim.loraplus_lr_ratio": (0, math.inf, "()"),
+    "schedule.lr": (0, math.inf, "()"),
+    "schedule.warmup_steps": (0, math.inf, "[]"),
+    "schedule.total_steps": (0, math.inf, "[]"),  # 0: train.steps
+    "schedule.end_lr_factor": (0, 1, "[]"),
+    "train.batch_size": (1, math.inf, "[]"),
+    "train.eval_batch_size": (1, math.inf, "[]"),
+    "train.steps": (1, math.inf, "[]"),
+    "train.grad_accum": (1, math.inf, "[]"),
+    "train.log_every": (1, math.inf, "[]"),
+    "train.eval_every": (0, math.inf, "[]"),  # 0: before training and at the end only
+    "train.eval_steps": (0, math.inf, "[]"),  # 0: the whole eval split
+    "train.checkpoint_every": (1, math.inf, "[]"),
+    "train.max_new_tokens": (1, math.inf, "[]"),
+    "checkpoint.keep": (1, math.inf, "[]"),
 }
 
 
@@ -131,12 +170,21 @@ def validate(config: ConfigDict, num_devices: int | None = None, process_count: 
         value = config.data.get(key)
         if value and not os.path.exists(value):
             raise ConfigError(f"data.{key}={value!r} does not exist")
-    train = config.train
-    for key in ("batch_size", "eval_batch_size", "steps", "grad_accum"):
-        if train[key] < 1:
-            raise ConfigError(f"train.{key}={train[key]} must be >= 1")
-    if config.peft.rank < 1:
-        raise ConfigError(f"peft.rank={config.peft.rank} must be >= 1")
+    for key, bounds in RANGES.items():
+        section, name = key.split(".")
+        _check_range(key, config[section][name], *bounds)
+    train, schedule = config.train, config.schedule
+    total = total_steps(config)
+    if schedule.name == "constant" and schedule.warmup_steps:
+        raise ConfigError(
+            f"schedule.warmup_steps={schedule.warmup_steps} is not used by the constant schedule; "
+            "set it to 0 or use schedule.name='warmup_cosine' or 'warmup_linear'"
+        )
+    if schedule.warmup_steps > total:
+        raise ConfigError(
+            f"schedule.warmup_steps={schedule.warmup_steps} is longer than the {total} steps of "
+            "the schedule (schedule.total_steps, or train.steps when it is 0)"
+        )
     if train.batch_size % train.grad_accum:
         raise ConfigError(
             f"train.batch_size={train.batch_size} is not divisible by "
@@ -144,6 +192,30 @@ def validate(config: ConfigDict, num_devices: int | None = None, process_count: 
         )
     if num_devices is not None:
         _check_mesh(config, num_devices, process_count)
+
+
+def total_steps(config: ConfigDict) -> int:
+    """The steps the learning-rate schedule spans: `schedule.total_steps`, or `train.steps`."""
+    return config.schedule.total_steps or config.train.steps
+
+
+def resolve(config: ConfigDict) -> ConfigDict:
+    """A copy with the values other keys imply filled in (`schedule.total_steps`), so that
+    `--config.train.steps=8` also ends the learning-rate schedule at step 8."""
+    config = config.copy_and_resolve_references()
+    config.schedule.total_steps = total_steps(config)
+    return config
+
+
+def _check_range(key: str, value, low, high, closed: str) -> None:
+    below = value < low if closed[0] == "[" else value <= low
+    above = value > high if closed[1] == "]" else value >= high
+    if below or above or math.isnan(value):
+        if high == math.inf:
+            valid = f"{'>=' if closed[0] == '[' else '>'} {low}"
+        else:
+            valid = f"in {closed[0]}{low}, {high}{closed[1]}"
+        raise ConfigError(f"{key}={value!r} must be {valid}")
 
 
 def _check_mesh(config: ConfigDict, num_devices: int, process_count: int) -> None:
@@ -211,7 +283,7 @@ def _check_keys(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
 
 
 def _type_ok(value: Any, expected: Any) -> bool:
-    if expected is None or value is None:
+    if expected is None:
         return True
     if isinstance(expected, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(expected, bool)
@@ -220,6 +292,32 @@ def _type_ok(value: Any, expected: Any) -> bool:
     if isinstance(expected, tuple | list):
         return isinstance(value, tuple | list)
     return isinstance(value, type(expected))
+
+
+def parse_variant(arg: str | None, name: str) -> tuple[str, bool]:
+    """A config file's argument `lora|full[,tiny]` -> `(mode, tiny)`.
+
+    >>> parse_variant("full,tiny", "bbc_minilm")
+    ('full', True)
+    """
+    args = set((arg or "lora").split(","))
+    if args - {"lora", "full", "tiny"} or {"lora", "full"} <= args:
+        raise ConfigError(f"{name} arguments are lora|full[,tiny], got {arg!r}")
+    return ("full" if "full" in args else "lora"), "tiny" in args
+
+
+def shrink_to_tiny(config: ConfigDict, *, max_length: int, steps: int) -> None:
+    """A seconds-long variant: a few short steps on small batches, one eval batch, checkpoints."""
+    config.data.max_length = max_length
+    config.train.batch_size = 8  # one example per simulated test device
+    config.train.eval_batch_size = 8
+    config.train.steps = steps
+    config.train.eval_every = 0
+    config.train.eval_steps = 1
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.train.max_new_tokens = 2
+    config.schedule.warmup_steps = 1
 
 
 TARGET_PRESETS = ("attention-qv", "attention-all", "all-linear")

@@ -2,9 +2,12 @@
 
 lorax-ft train --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --config.peft.rank=16
 lorax-ft eval --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc
-lorax-ft generate --config=configs/smollm2_chat.py --workdir=/tmp/chat --prompt="Hi!"
+lorax-ft generate --config=configs/smollm2_chatterbot.py --workdir=/tmp/chat --prompt="Hi!"
 lorax-ft export --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --export_dir=/tmp/hf
 lorax-ft plan --config=configs/bbc_minilm.py:lora --simulate_devices=16 --config.mesh.fsdp=-1 ...
+
+`--config=FILE[:arg]` is any Python file with `get_config(arg)`, relative to the current
+directory; it may import helpers that sit next to it. `--config.KEY=VALUE` overrides a key.
 
 Multi-host: every host runs the same `train` (or `eval`) command, adding
 `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` unless the cluster
@@ -14,15 +17,21 @@ environment says so already (Cloud TPU, SLURM, Open MPI, Kubernetes).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
+from lorax_ft.config_file import load_config_file
+from lorax_ft.errors import UserError
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat for a batch).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: the directory to write.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "export: replace an earlier export of lorax-ft at --export_dir."
+)
 _ADAPTERS_ONLY = flags.DEFINE_bool(
     "adapters_only", False, "export: write the LoRA adapters alone (safetensors), not the model."
 )
@@ -40,18 +49,20 @@ MULTI_HOST_COMMANDS = ("train", "eval")
 
 def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"usage: lorax-ft {{{','.join(COMMANDS)}}} --config=... --workdir=...")
+        _usage_error(f"usage: lorax-ft {{{','.join(COMMANDS)}}} --config=FILE[:arg] --workdir=DIR")
     command = argv[1]
-    if _WORKDIR.value is None and command != "plan":
-        raise app.UsageError("--workdir is required")
+    if "config" not in flags.FLAGS:
+        _usage_error("--config=FILE[:arg] is required, e.g. --config=configs/bbc_minilm.py:lora")
+    if not _WORKDIR.value and command != "plan":
+        _usage_error("--workdir=DIR is required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     multi_host = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if command not in MULTI_HOST_COMMANDS and any(v is not None for v in multi_host):
-        raise app.UsageError(f"{command} runs in one process; multi-host flags are for train/eval")
+        _usage_error(f"{command} runs in one process; multi-host flags are for train/eval")
     if _SIMULATE_DEVICES.value is not None:
         if command != "plan" or _SIMULATE_DEVICES.value < 1:
-            raise app.UsageError("--simulate_devices=N (N >= 1) is for plan")
+            _usage_error("--simulate_devices=N (N >= 1) is for plan")
         # Before JAX initialises its backends: N CPU devices stand in for the accelerators.
         import jax
 
@@ -59,8 +70,10 @@ def main(argv) -> None:
         jax.config.update("jax_num_cpu_devices", _SIMULATE_DEVICES.value)
     from lorax_ft import commands  # heavy imports only after the flags are known to be fine
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = flags.FLAGS.config, _WORKDIR.value
     try:
+        if command != "plan":
+            check_workdir(workdir, writing=command == "train")
         if command in MULTI_HOST_COMMANDS:
             from lorax_ft import distributed
 
@@ -80,8 +93,10 @@ def main(argv) -> None:
             summary = commands.generate(config, workdir, _PROMPT.value)
         else:
             if not _EXPORT_DIR.value:
-                raise app.UsageError("export needs --export_dir")
-            summary = commands.export(config, workdir, _EXPORT_DIR.value, _ADAPTERS_ONLY.value)
+                raise UserError("export needs --export_dir=DIR")
+            summary = commands.export(
+                config, workdir, _EXPORT_DIR.value, _ADAPTERS_ONLY.value, _OVERWRITE.value
+            )
     except commands.USER_ERRORS as e:
         # Bad input is one clear line, not a traceback.
         print(f"lorax-ft {command}: {e}", file=sys.stderr)
@@ -89,13 +104,54 @@ def main(argv) -> None:
     print(json.dumps(summary, default=str))
 
 
+def check_workdir(workdir: str, *, writing: bool) -> None:
+    """A workdir `train` can write to, or (`writing=False`) one that a run has written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir} is a file, not a directory; give a directory")
+    if not writing:
+        if not os.path.isdir(workdir):
+            raise UserError(f"--workdir={workdir} does not exist: train there first")
+        return
+    existing = workdir
+    while not os.path.exists(existing):  # the nearest existing parent is where it is created
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir={workdir}: {existing} is not a writable directory")
+
+
+def _usage_error(message: str):
+    print(f"lorax-ft: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_flag_value(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The value of `--config` (`--config=X` or `--config X`) and argv without it."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:index] + argv[index + 1 :]
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1], argv[:index] + argv[index + 2 :]
+    return None, argv
+
+
 def _parse_flags(argv):
-    """absl's flag parsing, with every bad flag or override reported as one line."""
+    """absl's flag parsing, with every bad flag, config file or override reported as one line.
+
+    The config file is loaded here (`lorax_ft.config_file`), so that it may import helpers next
+    to it from any directory; ml_collections then applies the `--config.KEY=VALUE` overrides.
+    """
+    value, argv = _config_flag_value(list(argv))
     try:
+        if value is not None:
+            config = load_config_file(value)
+            # sys_argv: the overrides to define are read from the arguments, not sys.argv.
+            config_flags.DEFINE_config_dict("config", config, sys_argv=argv)
         return flags.FLAGS(argv)
+    except UserError as e:
+        message = str(e)
     except flags.Error as e:
         message = str(e)
-    except AttributeError as e:  # ml_collections: an override names a key the config lacks
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a missing key
         detail = str(e).replace("\\n", " ").replace("\\'", "").strip("'\"")
         message = f"unknown config key in an override: {detail}"
     print(f"lorax-ft: {' '.join(message.split())}", file=sys.stderr)

@@ -53,7 +53,7 @@ def default_schedule_config() -> ml_collections.ConfigDict:
             "name": "warmup_cosine",  # one of SCHEDULES
             "lr": 1e-3,  # peak learning rate
             "warmup_steps": 0,
-            "total_steps": 1000,
+            "total_steps": 0,  # the steps the decay spans; 0 in an experiment: train.steps
             "end_lr_factor": 0.0,  # final lr = lr * end_lr_factor (cosine and linear decay)
         }
     )
@@ -65,6 +65,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     end = lr * config.end_lr_factor
     if config.name == "constant":
         return optax.constant_schedule(lr)
+    if total < 1:  # an unset length would decay to the end value right after the warmup
+        raise ValueError(f"schedule.total_steps={total}: a {config.name} schedule needs its length")
     if config.name == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), end)
     if config.name == "warmup_linear":

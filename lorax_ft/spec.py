@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from lorax_ft import paths
+from lorax_ft.errors import UserError
 
 PyTree = Any
 
@@ -34,7 +35,7 @@ LORA, TRAIN, FROZEN = "lora", "train", "frozen"
 Label = Literal["lora", "train", "frozen"]
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec that does not fit the params it is applied to."""
 
 
