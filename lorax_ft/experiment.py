@@ -68,6 +68,7 @@ def build(config, *, read_weights: bool = True, mode: str | None = None) -> Expe
         config = config.copy_and_resolve_references()
         config.peft.mode = mode
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    config = config_lib.resolve(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = placement_rules(config)
 
@@ -143,5 +144,5 @@ def _shape_of(x) -> jax.ShapeDtypeStruct:
 
 
 def _num_labels(data_config) -> int:
-    records = [record for _, record in data.load_records(data_config, "train")]
-    return len(data.label_vocabulary(records, data_config.labels))
+    # The mapping the pipelines use, so the head has exactly one output per label id.
+    return len(data.label_ids(data_config))

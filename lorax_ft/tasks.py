@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorax_ft.config import ConfigError
 from lorax_ft.models import BertForSequenceClassification, abstract_params, load_pretrained
+from lorax_ft.models.generate import max_positions
 
 PyTree = Any
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,6 +55,10 @@ def build(config, num_labels: int | None = None, *, place=None, read_weights: bo
         weights are read straight into those shardings and a new head is created in them.
       read_weights: False builds the task with `jax.ShapeDtypeStruct` params (shapes and
         shardings only, nothing read or allocated), for planning.
+
+    Raises:
+      ConfigError: `data.max_length` (or, for a causal LM, `train.max_new_tokens`) beyond the
+        model's positions; too few labels.
     """
     model = config.model
     overrides = {
@@ -66,10 +72,12 @@ def build(config, num_labels: int | None = None, *, place=None, read_weights: bo
         module, params, model_config, tokenizer = load_pretrained(
             source, shardings=place, read_weights=read_weights, **overrides
         )
+        check_lengths(config, model_config)
         return _causal_lm(module, params, model_config, tokenizer)
     if num_labels is None or num_labels < 2:
-        raise ValueError(f"classification needs at least 2 labels, the data has {num_labels}")
+        raise ConfigError(f"classification needs at least 2 labels, the data has {num_labels}")
     _, _, encoder_config, _ = load_pretrained(source, read_weights=False, **overrides)
+    check_lengths(config, encoder_config)
     model_config = dataclasses.replace(
         encoder_config,
         num_labels=num_labels,
@@ -93,6 +101,27 @@ def build(config, num_labels: int | None = None, *, place=None, read_weights: bo
     if "bert" in params and "classifier" in params:
         params = params["bert"]
     return _classification(config, module, params, model_config, tokenizer, placed, read_weights)
+
+
+def check_lengths(config, model_config) -> None:
+    """Refuses lengths past the model's positions: `data.max_length` (NaN or a huge allocation
+    otherwise) and, for a causal LM, `train.max_new_tokens` (prompts need a position too)."""
+    limit = max_positions(model_config)
+    if limit is None:
+        return
+    model = config.model.preset or config.model.path
+    length = config.data.max_length
+    if length > limit:
+        raise ConfigError(
+            f"data.max_length={length} exceeds the {limit} positions of model {model!r}; use "
+            f"data.max_length <= {limit}"
+        )
+    new_tokens = config.train.max_new_tokens
+    if config.model.task == "causal_lm" and not 1 <= new_tokens < limit:
+        raise ConfigError(
+            f"train.max_new_tokens={new_tokens} must be in 1..{limit - 1}: model {model!r} takes "
+            f"{limit} positions, the prompt included"
+        )
 
 
 def _classification(config, module, encoder, model_config, tokenizer, placed, read_weights):

@@ -43,7 +43,10 @@ def test_encode_pads_and_truncates_keeping_special_tokens():
 def test_label_vocabulary_sorted_names_explicit_names_and_int_ids():
     assert label_vocabulary([{"label": y} for y in LABELS]) == {"neg": 0, "pos": 1}
     assert label_vocabulary([], ["pos", "neg"]) == {"pos": 0, "neg": 1}
-    assert label_vocabulary([{"label": 3}, {"label": 1}]) == {1: 1, 3: 3}
+    assert label_vocabulary([{"label": 2}, {"label": 0}, {"label": 1}]) == {0: 0, 1: 1, 2: 2}
+    # Names that are integers (CSV labels) sort numerically: "10" is not between "1" and "2".
+    names = [{"label": str(i)} for i in (10, 2, 1, 0)]
+    assert label_vocabulary(names) == {"0": 0, "1": 1, "2": 2, "10": 3}
 
 
 def test_eval_batches_carry_labels_masks_and_padding_weights(tmp_path):
@@ -89,7 +92,9 @@ def test_unknown_label_lists_valid_labels(tmp_path):
         eval_path=_write_jsonl(tmp_path / "ev.jsonl", ["fine"], ["meh"]),
     )
     with pytest.raises(
-        ValueError, match=r"ev.jsonl:1: unknown label 'meh'; valid labels: neg, pos"
+        ValueError,
+        match=r"ev.jsonl:1: unknown label 'meh', not among the training labels; "
+        r"valid labels: neg, pos",
     ) as e:
         make_pipeline(cfg, TOK, split="eval", batch_size=2, pad_id=PAD)
     assert "\n" not in str(e.value)

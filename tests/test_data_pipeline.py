@@ -175,7 +175,7 @@ def test_state_from_another_pipeline_is_refused(tmp_path):
             FileNotFoundError,
             "data file not found: /no/such/file.jsonl",
         ),
-        ({"kind": "audio"}, {}, ValueError, "unknown data kind 'audio'; valid kinds: text, chat"),
+        ({"kind": "audio"}, {}, ValueError, "unknown data.kind 'audio'; valid kinds: text, chat"),
         (
             {"path": ""},
             {},
@@ -186,7 +186,7 @@ def test_state_from_another_pipeline_is_refused(tmp_path):
             {"chat_format": "llama9"},
             {},
             ValueError,
-            "unknown chat_format 'llama9'; valid: chatml, plain",
+            "unknown data.chat_format 'llama9'; valid: chatml, plain",
         ),
         (
             {},

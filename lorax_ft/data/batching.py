@@ -21,6 +21,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from lorax_ft.data.errors import DataError
+
 Example = dict[str, np.ndarray]
 
 
@@ -65,27 +67,27 @@ def batch_dataset(
     """
     n = len(examples)
     if n == 0:
-        raise ValueError("the dataset is empty; check the data path, split and eval_fraction")
+        raise DataError("the dataset is empty; check the data path, split and eval_fraction")
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise DataError(
             f"batch_size {global_batch_size} must be a positive multiple of the process count "
             f"{process_count}"
         )
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        raise DataError(f"process_index {process_index} not in [0, {process_count})")
     local = global_batch_size // process_count
     if train:
         ds = examples.shuffle(seed).repeat(num_epochs)
         if num_epochs is not None:
             batches = n * num_epochs // global_batch_size
             if batches == 0:
-                raise ValueError(
+                raise DataError(
                     f"{n} examples x {num_epochs} epochs do not fill one batch of {global_batch_size}"
                 )
             ds = ds[: batches * global_batch_size]
     else:
         if num_epochs not in (None, 1):
-            raise ValueError(f"evaluation is a single pass; got num_epochs={num_epochs}")
+            raise DataError(f"evaluation is a single pass; got num_epochs={num_epochs}")
         missing = -n % global_batch_size
         pad = grain.MapDataset.source([padding_example(examples[0])] * missing)
         ds = grain.MapDataset.concatenate([examples, pad]) if missing else examples
@@ -161,13 +163,13 @@ class BatchIterator:
     def set_state(self, state: dict[str, Any]) -> None:
         """Moves to a position saved by `get_state` (from this or an identical pipeline)."""
         if not isinstance(state, dict) or "grain" not in state or "next_batch" not in state:
-            raise ValueError(
+            raise DataError(
                 f"not a data iterator state: {state!r}; expected get_state()'s "
                 "{'next_batch': int, 'grain': dict}"
             )
         saved = {k: v for k, v in state.get("pipeline", {}).items() if k != "source"}
         if saved != {k: v for k, v in self.pipeline.items() if k != "source"}:
-            raise ValueError(
+            raise DataError(
                 f"iterator state is from another pipeline: saved {saved}, this one {self.pipeline}"
             )
         self._iter.set_state(state["grain"])

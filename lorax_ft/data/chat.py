@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from lorax_ft.data.errors import DataError
+
 Message = dict[str, str]
 FormatChat = Callable[[Sequence[Message]], str]
 ROLES = ("system", "user", "assistant")
@@ -59,25 +61,32 @@ def to_messages(record: dict[str, Any], where: str = "record") -> list[Message]:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     elif "prompt" in record and "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                raise DataError(
+                    f"{where}: {key!r} must be a string, got {type(record[key]).__name__}"
+                )
         messages = [
             {"role": "user", "content": record["prompt"]},
             {"role": "assistant", "content": record["completion"]},
         ]
     else:
-        raise ValueError(
+        raise DataError(
             f"{where}: expected keys 'prompt' and 'completion', or 'messages'; got {sorted(record)}"
         )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: message {i} needs a string 'content' and a 'role'")
+            raise DataError(
+                f"{where}: message {i} needs a string 'content' and a 'role', got {repr(m)[:60]}"
+            )
         if m.get("role") not in ROLES:
-            raise ValueError(
+            raise DataError(
                 f"{where}: message {i} has role {m.get('role')!r}; valid roles: {', '.join(ROLES)}"
             )
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError(f"{where}: no assistant message, so there is nothing to train on")
+        raise DataError(f"{where}: no assistant message, so there is nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -94,7 +103,7 @@ def answer_spans(messages: Sequence[Message], format_chat: FormatChat) -> tuple[
             continue
         before, upto = format_chat(messages[:i]), format_chat(messages[: i + 1])
         if not (upto.startswith(before) and text.startswith(upto)):
-            raise ValueError(
+            raise DataError(
                 "format_chat must render a conversation's first turns as a prefix of the whole "
                 f"conversation; it does not at message {i}"
             )
@@ -103,7 +112,7 @@ def answer_spans(messages: Sequence[Message], format_chat: FormatChat) -> tuple[
         if start < 0:
             start = upto.rfind(m["content"].strip(), len(before))
         if start < 0:
-            raise ValueError(f"format_chat does not reproduce the content of message {i}")
+            raise DataError(f"format_chat does not reproduce the content of message {i}")
         spans.append((start, len(upto)))
     return text, spans
 

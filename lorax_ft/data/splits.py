@@ -16,19 +16,21 @@ from typing import TypeVar
 
 import numpy as np
 
+from lorax_ft.data.errors import DataError
+
 T = TypeVar("T")
 SPLITS = ("train", "eval")
 
 
 def check_split(split: str) -> None:
-    """Raises a one-line `ValueError` unless `split` is `"train"` or `"eval"`."""
+    """Raises a one-line `DataError` unless `split` is `"train"` or `"eval"`."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise DataError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
 def _num_eval(n: int, eval_fraction: float) -> int:
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+        raise DataError(f"data.eval_fraction={eval_fraction!r} must be in (0, 1)")
     # At least one eval example from every group that has two or more, so a small class is
     # still measured; never all of a group, so it is still trained on.
     return min(max(round(n * eval_fraction), 1), n - 1) if n >= 2 else 0

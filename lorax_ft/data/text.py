@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from lorax_ft.data.errors import DataError
+
 
 def pack_documents(
     tokenizer: Tokenizer,
@@ -48,7 +50,7 @@ def pack_documents(
     (2, 3)
     """
     if eos_id is None:
-        raise ValueError("text packing needs eos_id (the token put between documents)")
+        raise DataError("text packing needs eos_id (the token put between documents)")
     encodings = tokenizer.encode_batch(list(documents), add_special_tokens=False)
     head = [bos_id] if bos_id is not None else []
     stream = np.fromiter(
@@ -56,7 +58,7 @@ def pack_documents(
     )
     rows = (len(stream) - 1) // max_length
     if rows < 1:
-        raise ValueError(
+        raise DataError(
             f"text data has {len(stream)} tokens, fewer than one sequence of max_length "
             f"{max_length} + 1; add text or lower max_length"
         )
