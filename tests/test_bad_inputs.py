@@ -67,7 +67,7 @@ def files(tmp_path_factory):
     (d / "unterminated.csv").write_text(
         "text,label\n" + "".join(f"row {i},a\n" for i in range(20)) + '"open quote,b\n'
         + "".join(f"row {i},b\n" for i in range(20))
-    )  # fmt: skip
+    )
     mixed = [f'{{"text": "t{i}", "label": "sport"}}' for i in range(10)] + [
         '{"text": "t", "label": 3}'
     ]
@@ -96,6 +96,7 @@ def data_file(name: str) -> tuple[str, ...]:
 
 # (id, arguments after the command, fragments the one line must contain). `__WORKDIR__` and
 # `__FILES__` are replaced by the fixtures' paths; `--workdir=__WORKDIR__` is added unless given.
+# fmt: off
 CASES = [
     # --- the command line itself
     ("no_command", ("--config=" + TINY,), ["usage: lorax-ft"]),
@@ -105,36 +106,36 @@ CASES = [
     ("no_workdir", ("train", f"--config={TINY}", "--workdir="), ["--workdir"]),
     ("unknown_flag", ("train", f"--config={TINY}", "--epochs=3"), ["epochs"]),
     ("simulate_devices_on_train", ("train", f"--config={TINY}", "--simulate_devices=4"),
-     ["--simulate_devices"]),  # fmt: skip
+     ["--simulate_devices"]),
     ("simulate_zero_devices", ("plan", f"--config={TINY}", "--simulate_devices=0"),
-     ["--simulate_devices"]),  # fmt: skip
+     ["--simulate_devices"]),
     ("multi_host_generate", ("generate", f"--config={CHAT}", "--num_processes=2"),
-     ["multi-host flags are for train/eval"]),  # fmt: skip
+     ["multi-host flags are for train/eval"]),
     ("num_processes_alone", ("train", f"--config={TINY}", "--num_processes=2"),
-     ["missing --coordinator_address"]),  # fmt: skip
+     ["missing --coordinator_address"]),
     ("process_id_out_of_range", ("train", f"--config={TINY}", "--num_processes=2",
-     "--process_id=2", "--coordinator_address=127.0.0.1:1"), ["--process_id=2"]),  # fmt: skip
+     "--process_id=2", "--coordinator_address=127.0.0.1:1"), ["--process_id=2"]),
     ("export_without_export_dir", ("export", f"--config={TINY}"), ["--export_dir"]),
     ("integer_flag_not_integer", ("train", f"--config={TINY}", "--num_processes=two"),
-     ["num_processes"]),  # fmt: skip
+     ["num_processes"]),
     # --- the config file
     ("config_missing", ("train", "--config=configs/nope.py"), ["configs/nope.py", "does not exist"]),
     ("config_empty_path", ("train", "--config="), ["--config"]),
     ("config_is_a_directory", ("train", "--config=__FILES__/a_dir.py"), ["is a directory"]),
     ("config_syntax_error", ("train", "--config=__FILES__/syntax.py"), ["syntax error", ":1"]),
     ("config_without_get_config", ("train", "--config=__FILES__/no_get_config.py"),
-     ["no get_config"]),  # fmt: skip
+     ["no get_config"]),
     ("get_config_returns_none", ("train", "--config=__FILES__/returns_none.py"),
-     ["returned NoneType", "ConfigDict"]),  # fmt: skip
+     ["returned NoneType", "ConfigDict"]),
     ("get_config_returns_dict", ("train", "--config=__FILES__/returns_dict.py"),
-     ["returned dict"]),  # fmt: skip
+     ["returned dict"]),
     ("get_config_raises", ("train", "--config=__FILES__/raises.py"),
-     ["NameError", "raises.py:2"]),  # fmt: skip
+     ["NameError", "raises.py:2"]),
     ("config_import_fails", ("train", "--config=__FILES__/bad_import.py"),
-     ["ModuleNotFoundError", "no_such_module_anywhere"]),  # fmt: skip
+     ["ModuleNotFoundError", "no_such_module_anywhere"]),
     ("config_bad_variant", ("train", "--config=configs/bbc_minilm.py:huge"), ["lora|full[,tiny]"]),
     ("config_two_modes", ("train", "--config=configs/bbc_minilm.py:lora,full"),
-     ["lora|full[,tiny]"]),  # fmt: skip
+     ["lora|full[,tiny]"]),
     # --- overrides: names and types
     ("unknown_key", override("train.batchsize=8"), ["batchsize"]),
     ("unknown_section", override("trainer.steps=8"), ["trainer"]),
@@ -173,7 +174,7 @@ CASES = [
     ("max_length_0", override("data.max_length=0"), ["data.max_length=0"]),
     ("max_length_1", override("data.max_length=1"), ["data.max_length=1"]),
     ("max_length_over_positions", override("data.max_length=600"),
-     ["data.max_length=600", "512"]),  # fmt: skip
+     ["data.max_length=600", "512"]),
     ("max_length_huge", override("data.max_length=100000"), ["data.max_length=100000"]),
     ("eval_fraction_0", override("data.eval_fraction=0.0"), ["data.eval_fraction=0.0"]),
     ("eval_fraction_1", override("data.eval_fraction=1.0"), ["data.eval_fraction=1.0"]),
@@ -187,7 +188,7 @@ CASES = [
     ("dropout_1", override("peft.dropout=1.0"), ["peft.dropout=1.0"]),
     ("dropout_negative", override("peft.dropout=-0.1"), ["peft.dropout=-0.1"]),
     ("classifier_dropout_1", override("model.classifier_dropout=1.0"),
-     ["model.classifier_dropout=1.0"]),  # fmt: skip
+     ["model.classifier_dropout=1.0"]),
     ("b1_1", override("optim.b1=1.0"), ["optim.b1=1.0"]),
     ("b2_negative", override("optim.b2=-0.5"), ["optim.b2=-0.5"]),
     ("eps_negative", override("optim.eps=-1e-8"), ["optim.eps"]),
@@ -200,9 +201,9 @@ CASES = [
     ("lr_nan", override("schedule.lr=nan"), ["schedule.lr=nan"]),
     ("warmup_negative", override("schedule.warmup_steps=-1"), ["schedule.warmup_steps=-1"]),
     ("warmup_longer_than_run", override("schedule.warmup_steps=50"),
-     ["schedule.warmup_steps=50", "4 steps"]),  # fmt: skip
+     ["schedule.warmup_steps=50", "4 steps"]),
     ("warmup_with_constant", ("train", f"--config={TINY}", "--config.schedule.name=constant"),
-     ["schedule.warmup_steps=1", "constant"]),  # fmt: skip
+     ["schedule.warmup_steps=1", "constant"]),
     ("total_steps_negative", override("schedule.total_steps=-1"), ["schedule.total_steps=-1"]),
     ("end_lr_factor_2", override("schedule.end_lr_factor=2.0"), ["schedule.end_lr_factor=2.0"]),
     # --- model and data sources
@@ -210,58 +211,59 @@ CASES = [
     ("neither_preset_nor_path", override("model.preset="), ["exactly one of model.preset"]),
     ("unknown_preset", override("model.preset=gpt-5"), ["gpt-5"]),
     ("model_path_missing", ("train", f"--config={TINY}", "--config.model.preset=",
-     "--config.model.path=/no/model"), ["model.path='/no/model' does not exist"]),  # fmt: skip
+     "--config.model.path=/no/model"), ["model.path='/no/model' does not exist"]),
     ("data_path_missing", ("train", f"--config={TINY}", "--config.data.name=",
-     "--config.data.path=/no/file.jsonl"), ["data.path='/no/file.jsonl'"]),  # fmt: skip
+     "--config.data.path=/no/file.jsonl"), ["data.path='/no/file.jsonl'"]),
     ("train_path_missing", ("train", f"--config={TINY}", "--config.data.name=",
-     "--config.data.train_path=/no/t.csv"), ["data.train_path='/no/t.csv'"]),  # fmt: skip
+     "--config.data.train_path=/no/t.csv"), ["data.train_path='/no/t.csv'"]),
     ("unknown_dataset", override("data.name=imagenet"), ["imagenet"]),
     ("unknown_data_kind", ("train", f"--config={TINY}", "--config.data.name=",
-     "--config.data.kind=audio", "--config.data.path=configs"), ["audio"]),  # fmt: skip
+     "--config.data.kind=audio", "--config.data.path=configs"), ["audio"]),
     ("named_dataset_and_path", override("data.path=configs/bbc_minilm.py"), ["data"]),
     ("csv_unterminated_quote", ("train", f"--config={TINY}", *data_file("unterminated.csv")),
-     ["unterminated.csv"]),  # fmt: skip
+     ["unterminated.csv"]),
     ("int_label_among_strings", ("train", f"--config={TINY}", *data_file("mixed_labels.jsonl")),
-     ["mixed_labels.jsonl"]),  # fmt: skip
+     ["mixed_labels.jsonl"]),
     ("labels_with_gaps", ("train", f"--config={TINY}", *data_file("gaps.jsonl")),
-     ["gaps.jsonl"]),  # fmt: skip
+     ["gaps.jsonl"]),
     ("jsonl_not_json", ("train", f"--config={TINY}", *data_file("not_json.jsonl")),
-     ["not_json.jsonl", "2"]),  # fmt: skip
+     ["not_json.jsonl", "2"]),
     ("record_without_label", ("train", f"--config={TINY}", *data_file("no_label.jsonl")),
-     ["no_label.jsonl"]),  # fmt: skip
+     ["no_label.jsonl"]),
     ("empty_data_file", ("train", f"--config={TINY}", *data_file("empty.jsonl")),
-     ["empty.jsonl"]),  # fmt: skip
+     ["empty.jsonl"]),
     # --- meshes and placement
     ("batch_not_dividing_devices", override("train.batch_size=12"),
-     ["does not divide over the 8 devices"]),  # fmt: skip
+     ["does not divide over the 8 devices"]),
     ("mesh_not_fitting", override("mesh.fsdp=3"), ["mesh"]),
     ("mesh_two_rest_axes", ("train", f"--config={TINY}", "--config.mesh.data=-1",
-     "--config.mesh.fsdp=-1"), ["-1"]),  # fmt: skip
+     "--config.mesh.fsdp=-1"), ["-1"]),
     ("mesh_axis_zero", override("mesh.tensor=0"), ["mesh"]),
     ("targets_match_nothing", override("peft.targets=.*/no_such_layer/kernel"),
-     ["no_such_layer"]),  # fmt: skip
+     ["no_such_layer"]),
     ("targets_bad_regex", override("peft.targets=(q"), ["(q"]),
     ("train_regex_matches_nothing", override("peft.train=head/.*"), ["head/.*"]),
     ("lora_on_a_bias", override("peft.targets=.*/query/bias"), ["bias"]),
     # --- workdirs and the other commands
     ("workdir_is_a_file", ("train", f"--config={TINY}", "--workdir=__FILES__/a_file"),
-     ["a_file", "not a directory"]),  # fmt: skip
+     ["a_file", "not a directory"]),
     ("eval_without_workdir", ("eval", f"--config={TINY}", "--workdir=__FILES__/none"),
-     ["none", "does not exist"]),  # fmt: skip
+     ["none", "does not exist"]),
     ("eval_without_checkpoint", ("eval", f"--config={TINY}", "--workdir=__FILES__"),
-     ["no checkpoint"]),  # fmt: skip
+     ["no checkpoint"]),
     ("eval_with_another_rank", ("eval", f"--config={TINY}", "--config.peft.rank=4"),
-     ["peft.rank"]),  # fmt: skip
+     ["peft.rank"]),
     ("eval_with_another_mode", ("eval", "--config=configs/bbc_minilm.py:full,tiny"),
-     ["peft.mode"]),  # fmt: skip
+     ["peft.mode"]),
     ("generate_on_a_classifier", ("generate", f"--config={TINY}"), ["causal_lm"]),
     ("export_into_workdir", ("export", f"--config={TINY}", "--export_dir=__WORKDIR__"),
-     ["--export_dir"]),  # fmt: skip
+     ["--export_dir"]),
     ("export_onto_a_file", ("export", f"--config={TINY}", "--export_dir=__FILES__/a_file"),
-     ["a_file"]),  # fmt: skip
+     ["a_file"]),
     ("export_into_a_full_folder", ("export", f"--config={TINY}", "--export_dir=__FILES__"),
-     ["--export_dir"]),  # fmt: skip
+     ["--export_dir"]),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("args", "expect"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
