@@ -3,6 +3,14 @@
 Only the process that writes (process 0 on multi-host runs) creates a `MetricsWriter` with
 `enabled=True`; the others get a writer that drops everything.
 
+Every record is on disk when `write` returns, in both files, so a run killed at any moment
+(SIGKILL included) keeps all it logged: the TensorBoard event is written and flushed first, then
+the metrics.jsonl line, so every line of metrics.jsonl is also in the event file. The events are
+written synchronously (tensorboardX's `SummaryWriter` queues them for a thread that flushes every
+two minutes: a kill lost them). A resumed run also tells TensorBoard to drop the events it logged
+after the restored step (a SessionLog START, as `SummaryWriter(purge_step=...)` writes), as
+metrics.jsonl drops those lines.
+
 >>> writer = MetricsWriter(workdir)                   # doctest: +SKIP
 >>> writer.write(10, {"loss": 0.5, "lr": 1e-3})       # doctest: +SKIP
 """
@@ -11,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,12 +42,18 @@ class MetricsWriter:
         self.enabled = enabled
         self._tb = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter  # imported lazily: only the writer needs it
+            from tensorboardX.event_file_writer import EventsWriter  # only the writer needs it
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            os.makedirs(os.path.join(workdir, "tensorboard"), exist_ok=True)
+            self._tb = EventsWriter(os.path.join(workdir, "tensorboard", "events"))
 
     def truncate_after(self, step: int) -> None:
         """Drops lines logged after `step` (a resumed run repeats those steps)."""
+        if self._tb is not None:
+            from tensorboardX.proto.event_pb2 import SessionLog
+
+            # TensorBoard hides the events of steps >= this one from earlier event files.
+            self._write_event(step + 1, session_log=SessionLog(status=SessionLog.START))
         if not self.enabled or not os.path.exists(self.path):
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
@@ -50,17 +65,28 @@ class MetricsWriter:
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
         if self.enabled:
+            if self._tb is not None:
+                from tensorboardX.proto.summary_pb2 import Summary
+
+                values = [
+                    Summary.Value(tag=key, simple_value=value)
+                    for key, value in record.items()
+                    if key != "step" and isinstance(value, float | int)
+                ]
+                self._write_event(record["step"], summary=Summary(value=values))
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if self._tb is not None:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, float | int):
-                        self._tb.add_scalar(key, value, step)
         return record
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+    def _write_event(self, step: int, **fields) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._tb.write_event(Event(wall_time=time.time(), step=step, **fields))
+        self._tb.flush()  # into the OS's hands: it survives the process
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -26,10 +26,13 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from lorax_ft import data, lora
+from lorax_ft import config as config_lib
+from lorax_ft import data, lora, workdir_lock
 from lorax_ft.checkpointing import Checkpointer
+from lorax_ft.errors import UserError
 from lorax_ft.experiment import Experiment, build
 from lorax_ft.metrics import MetricsWriter, plot_curves, read_metrics
+from lorax_ft.resume import resume_config
 from lorax_ft.train_step import TrainState
 
 TIMING_KEYS = ("step_time_s", "tokens_per_s", "examples_per_s")
@@ -60,38 +63,49 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     On a preemption notice (SIGTERM, once `jax.distributed` is initialised, as `lorax-ft` does)
     every process reaches the same step, a checkpoint is saved there and the summary comes back
     with `"preempted": True`; the same command resumes from that checkpoint.
+
+    A second train on the same workdir refuses at once (`workdir_lock`). Resuming takes the
+    newest intact checkpoint; damaged newer ones are moved to `workdir/damaged_checkpoints`.
     """
+    # A bad config is refused before the lock creates the workdir; build() checks it again.
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    with workdir_lock.exclusive(workdir):  # before anything is written to the workdir
+        return _train_and_evaluate(config, Path(workdir))
+
+
+def _train_and_evaluate(config, workdir: Path) -> dict:
     start_time = time.perf_counter()
-    workdir = Path(workdir)
     experiment = build(config)
     task, state = experiment.task, experiment.state
     is_writer = jax.process_index() == 0  # one process writes logs, reports and samples
-    if is_writer:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    writer = MetricsWriter(workdir, enabled=is_writer, tensorboard=config.logging.tensorboard)
     checkpoints = Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep, use_async=config.checkpoint.use_async
     )
-    base = experiment.base_fingerprint
+    base, run_config = experiment.base_fingerprint, resume_config(experiment.config)
     train_data = data.make_pipeline(
         config.data, task.tokenizer, split="train", batch_size=config.train.batch_size,
         seed=config.train.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), **task.data_kwargs,
     )  # fmt: skip
 
-    if checkpoints.latest_step() is not None:
-        state, data_state = checkpoints.restore(state, base=base)
+    resumed = checkpoints.latest_step() is not None
+    if resumed:
+        state, data_state = checkpoints.restore(
+            state, base=base, config=run_config, set_aside=str(workdir / "damaged_checkpoints")
+        )
         train_data.set_state(data_state)
-        writer.truncate_after(int(state.step))
-    else:
-        writer.truncate_after(-1)
+    # Only a resume that fits this config may touch the run's config.json and metrics.
+    if is_writer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(experiment.config.to_json_best_effort(indent=2) + "\n")
+    writer = MetricsWriter(workdir, enabled=is_writer, tensorboard=config.logging.tensorboard)
+    writer.truncate_after(int(state.step) if resumed else -1)
     step = int(state.step)
     if step == 0:
         writer.write(0, evaluate(experiment, state))
         _write_samples(experiment, workdir, state, "before")
 
-    total_steps, times, preempted = config.train.steps, [], False
+    total_steps, times, preempted, skipped = config.train.steps, [], False, 0
     progress = _progress(config, step, total_steps)
     while step < total_steps and not preempted:
         batch = experiment.global_batch(next(train_data))
@@ -101,6 +115,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         times.append(time.perf_counter() - tick)
         step += 1
         _check_finite(config, metrics, step, checkpoints)
+        skipped += int(metrics.get("skipped", 0))
         if step % config.train.log_every == 0 or step == total_steps:
             examples = config.train.batch_size
             timing = {"step_time_s": times[-1], "examples_per_s": examples / times[-1]}
@@ -114,7 +129,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         # Every process asks at every step; all of them see the notice at the same step.
         preempted = multihost_utils.reached_preemption_sync_point(step)
         if preempted or step % config.train.checkpoint_every == 0 or step == total_steps:
-            checkpoints.save(state, data_state=train_data.get_state(), base=base)
+            checkpoints.save(state, data_state=train_data.get_state(), base=base, config=run_config)
         progress.update(1)
     progress.close()
     if preempted:
@@ -125,6 +140,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     writer.close()
     summary = _summarize(experiment, workdir, state, times, time.perf_counter() - start_time)
     summary["preempted"] = preempted
+    summary["skipped_steps"] = skipped  # of this invocation's steps
+    if skipped:
+        logging.warning(
+            "%d of the %d steps trained now were skipped (non-finite loss or gradient norm, "
+            "train.on_nonfinite='skip'): their updates were not applied; a lower schedule.lr "
+            "or optim.clip_norm may help",
+            skipped, len(times),
+        )  # fmt: skip
     if is_writer and not preempted:
         _write_reports(config, workdir, summary)
     checkpoints.close()
@@ -161,12 +184,16 @@ def generation_prompt(data_config, text: str) -> str:
     return rendered + ("<|im_start|>assistant\n" if data_config.chat_format == "chatml" else "")
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """Training diverged: a non-finite loss or gradient norm with `train.on_nonfinite='stop'`."""
+
+
 def _check_finite(config, metrics, step, checkpoints) -> None:
     if config.train.on_nonfinite == "stop" and not (
         np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
     ):
         checkpoints.wait()
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
             f"step {step}; the last good checkpoint is step {checkpoints.latest_step()} "
             "(set train.on_nonfinite='skip' to skip such steps instead)"

@@ -9,6 +9,7 @@ file of the workdir (and of an export target) is byte-identical afterwards.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -65,7 +66,9 @@ def files(tmp_path_factory):
     (d / "bad_import.py").write_text("import no_such_module_anywhere\n")
     (d / "a_dir.py").mkdir()
     (d / "unterminated.csv").write_text(
-        "text,label\n" + "".join(f"row {i},a\n" for i in range(20)) + '"open quote,b\n'
+        "text,label\n"
+        + "".join(f"row {i},a\n" for i in range(20))
+        + '"open quote,b\n'
         + "".join(f"row {i},b\n" for i in range(20))
     )
     mixed = [f'{{"text": "t{i}", "label": "sport"}}' for i in range(10)] + [
@@ -312,3 +315,23 @@ def test_a_config_imports_helpers_next_to_it_from_any_directory(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"lora"' in result.stdout.strip().splitlines()[-1]
+
+
+def test_divergence_stops_with_one_line_and_skipping_is_reported(tmp_path):
+    """lr=1e9: `stop` exits 2 naming the step and the last good checkpoint; `skip` says so."""
+    diverging = (
+        "train",
+        f"--config={TINY}",
+        "--config.schedule.lr=1e9",
+        "--config.logging.progress=false",
+    )
+    stopped = forked(*diverging, f"--workdir={tmp_path / 'stop'}")
+    assert_refused(stopped, "non-finite loss", "the last good checkpoint is step")
+
+    skipped = forked(
+        *diverging, "--config.train.on_nonfinite=skip", f"--workdir={tmp_path / 'skip'}"
+    )
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    summary = json.loads(skipped.stdout.strip().splitlines()[-1])
+    assert 1 <= summary["skipped_steps"] <= 4
+    assert f"{summary['skipped_steps']} of the 4 steps trained now were skipped" in skipped.stderr

@@ -22,6 +22,7 @@ def _state(seed=0):
     config = ml_collections.ConfigDict(
         {"optim": optim.default_optim_config(), "schedule": optim.default_schedule_config()}
     )
+    config.schedule.total_steps = 100
     tx = optim.make_optimizer(config, labels)
     return params, lf.init_state(
         {"params": params, "lora": adapters}, labels, tx, jax.random.key(2)
