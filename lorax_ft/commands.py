@@ -5,26 +5,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 
 from lorax_ft import lora
-from lorax_ft.checkpointing import Checkpointer, CheckpointMismatchError
-from lorax_ft.config import ConfigError
-from lorax_ft.spec import SpecError
+from lorax_ft.checkpointing import Checkpointer
+from lorax_ft.errors import UserError
+from lorax_ft.export_target import check_target, replace_directory
+from lorax_ft.resume import resume_config
 
-USER_ERRORS = (ConfigError, SpecError, CheckpointMismatchError, FileNotFoundError, ValueError)
+USER_ERRORS = (UserError, FileNotFoundError, ValueError)
 
 
 def restore(config, workdir):
     """The experiment, on this run's mesh, with the newest checkpoint of `workdir` restored.
 
     The checkpoint may come from another mesh or number of processes: it is read into the
-    shardings of this one.
+    shardings of this one. A damaged newest checkpoint is skipped with a warning (the next
+    intact one is used, and no checkpoint is moved); no lock is taken.
     """
     from lorax_ft.experiment import build
 
@@ -32,7 +32,11 @@ def restore(config, workdir):
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
-    state, _ = checkpoints.restore(experiment.state, base=experiment.base_fingerprint)
+    state, _ = checkpoints.restore(
+        experiment.state,
+        base=experiment.base_fingerprint,
+        config=resume_config(experiment.config),
+    )
     checkpoints.close()
     return dataclasses.replace(experiment, state=state)
 
@@ -50,6 +54,8 @@ def generate(config, workdir, prompts) -> dict:
 
     if config.model.task != "causal_lm":
         raise ValueError(f"generate needs model.task='causal_lm', not {config.model.task!r}")
+    if any(not p.strip() for p in prompts):  # checked before the model is loaded
+        raise UserError(f"--prompt={next(p for p in prompts if not p.strip())!r} has no text")
     experiment = restore(config, workdir)
     task, state = experiment.task, experiment.state
     params = merged_params(state.variables)
@@ -88,10 +94,15 @@ def _one_copy_if_replicated(params):
     return params
 
 
-def export(config, workdir, export_dir, adapters_only: bool) -> dict:
-    """The merged model as a Hugging Face directory, or the adapters alone, written atomically."""
+def export(config, workdir, export_dir, adapters_only: bool, overwrite: bool = False) -> dict:
+    """The merged model as a Hugging Face directory, or the adapters alone, written atomically.
+
+    `export_dir` is checked first (see `export_target.check_target`): a refused target costs no
+    restore or merge, and nothing that is not an earlier export is ever replaced.
+    """
     from lorax_ft.models.export import save_pretrained
 
+    check_target(export_dir, workdir, overwrite)
     experiment = restore(config, workdir)
     task, state = experiment.task, experiment.state
     if adapters_only:
@@ -116,26 +127,6 @@ def export(config, workdir, export_dir, adapters_only: bool) -> dict:
         def write(directory):
             save_pretrained(directory, task.module, merged, tokenizer=task.tokenizer)
 
-    replace_directory(export_dir, write)
-    return {"step": int(state.step), "export_dir": export_dir, "adapters_only": adapters_only}
-
-
-def replace_directory(target: str, write) -> None:
-    """Writes a directory atomically: `write(tmp)` fills a temporary sibling, then it is renamed.
-
-    An existing `target` is kept until the new one is complete, so a failure leaves it intact.
-    """
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        write(tmp)
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(target, os.path.join(old, "x"))
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    summary = {"step": int(state.step), "adapters_only": adapters_only}
+    replace_directory(export_dir, write, record=summary)
+    return {**summary, "export_dir": export_dir}
