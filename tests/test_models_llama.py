@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from lorax_ft.models import load_pretrained  # noqa: E402
 from lorax_ft.models.generate import Sampling, generate, left_pad  # noqa: E402
+from tests.tolerance import assert_close  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -89,7 +90,7 @@ def test_logits_match_transformers(hf_dir, scan_layers):
     ours = np.asarray(jax.jit(module.apply)({"params": params}, ids, attention_mask=mask))
     theirs = _hf_logits(hf_model, ids, mask)
     real = mask.astype(bool)
-    np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    assert_close(ours[real], theirs[real], tol=1e-4)
     if scan_layers:
         assert params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 32, 32)
     else:

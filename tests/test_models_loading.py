@@ -1,6 +1,8 @@
 """load_pretrained: sharded checkpoints, placement with shardings, config forms, and clear errors."""
 
 import json
+import re
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 from flax import linen as nn
 from safetensors.numpy import save_file
 
+from lorax_ft.errors import UserError
 from lorax_ft.models import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -16,7 +19,7 @@ from lorax_ft.models import (
     load_pretrained,
     logical_axes,
 )
-from lorax_ft.models.checkpoint import to_hf_tensors
+from lorax_ft.models.checkpoint import ModelFileError, to_hf_tensors
 from lorax_ft.models.export import save_pretrained
 from lorax_ft.models.families import LLAMA
 from lorax_ft.models.hf_config import llama_from_hf
@@ -137,5 +140,47 @@ def test_missing_tensor_is_named(model_dir):
     tensors = to_hf_tensors(params, LLAMA, CFG)
     del tensors["model.norm.weight"]
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"model\.norm\.weight"):
+    with pytest.raises(ModelFileError, match=r"checkpoint has no tensor model\.norm\.weight"):
+        load_pretrained(str(path))
+
+
+def _with_header(data: bytes, edit) -> bytes:
+    """A safetensors file whose JSON header went through `edit` (the data stays as it was)."""
+    size = struct.unpack("<Q", data[:8])[0]
+    header = edit(json.loads(data[8 : 8 + size]))
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + size :]
+
+
+def _wrong_size(header):
+    header["model.norm.weight"]["shape"] = [16]  # 16 floats where the offsets hold 32
+    return header
+
+
+@pytest.mark.parametrize(
+    ("damage", "detail"),
+    [
+        (lambda data: data[: len(data) // 2], "incomplete metadata"),  # a cut-off download
+        (lambda data: struct.pack("<Q", 2**40) + data[8:], "header too large"),  # bad length
+        (lambda data: struct.pack("<Q", 12) + b"not a header" + data[20:], "invalid JSON"),
+        (lambda data: _with_header(data, _wrong_size), "invalid shape, data type, or offset"),
+    ],
+)
+def test_damaged_safetensors_is_a_user_error_naming_the_file(model_dir, damage, detail):
+    path, _ = model_dir
+    file = path / "model.safetensors"
+    file.write_bytes(damage(file.read_bytes()))
+    with pytest.raises(UserError) as err:
+        load_pretrained(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{file} is not a readable safetensors file") and detail in message
+
+
+def test_damaged_config_and_index_are_named(model_dir):
+    path, _ = model_dir
+    (path / "model.safetensors.index.json").write_text('{"weights": {}}')
+    with pytest.raises(UserError, match=re.escape(f"{path}/model.safetensors.index.json has no")):
+        load_pretrained(str(path))
+    (path / "config.json").write_text("{'model_type': 'llama'}")
+    with pytest.raises(UserError, match=re.escape(f"{path}/config.json is not valid JSON")):
         load_pretrained(str(path))

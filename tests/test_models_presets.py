@@ -13,6 +13,7 @@ import pytest
 from lorax_ft.models import BertModel, load_pretrained
 from lorax_ft.models.generate import Sampling, generate
 from lorax_ft.models.presets import preset_path
+from tests.tolerance import assert_close
 
 
 def _needs(package):
@@ -43,10 +44,8 @@ def test_all_minilm_matches_transformers_and_ranks_paraphrases():
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
     real = mask.astype(bool)
-    np.testing.assert_allclose(
-        np.asarray(out.last_hidden_state)[real],
-        theirs.last_hidden_state.numpy()[real],
-        atol=1e-4,
+    assert_close(
+        np.asarray(out.last_hidden_state)[real], theirs.last_hidden_state.numpy()[real], tol=1e-4
     )
     emb = np.asarray(out.mean_embedding)
     emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
@@ -93,4 +92,4 @@ def test_smollm2_gguf_logits_match_transformers_gguf_loader():
     with torch.no_grad():
         theirs = hf(torch.tensor(ids)).logits.numpy()
     ours = np.asarray(jax.jit(module.apply)({"params": params}, ids))
-    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)  # measured: 8.6e-5
+    assert_close(ours, theirs, tol=3e-5)  # logits reach 33; measured error: 3e-6 of that

@@ -8,6 +8,7 @@ import numpy as np
 
 from lorax_ft.models import LlamaConfig, LlamaForCausalLM, abstract_params
 from lorax_ft.models.stack import stack_layers, unstack_layers
+from tests.tolerance import assert_close
 
 CFG = LlamaConfig(
     vocab_size=32,
@@ -41,9 +42,5 @@ def test_scan_and_remat_match_loop():
     scanned = stack_layers(looped, "layers")
     assert scanned["model"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 16, 32)
     loss2, grads2 = _loss_and_grads(scanned_cfg, scanned, ids)
-    np.testing.assert_allclose(loss2, loss, rtol=1e-6)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-        unstack_layers(grads2, "layers", 2),
-        grads,
-    )
+    assert_close(loss2, loss, tol=1e-6)
+    assert_close(unstack_layers(grads2, "layers", 2), grads, tol=1e-6)

@@ -21,8 +21,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from lorax_ft.errors import UserError
 from lorax_ft.models.abstract import abstract_params
 from lorax_ft.models.families import Family
 
@@ -34,6 +35,29 @@ _LEAF_NAMES = {
 }
 
 
+class ModelFileError(UserError, ValueError):
+    """A model file that cannot be read as what it claims to be; the message names the file."""
+
+
+def read_json(path: str) -> Any:
+    """A JSON file of a model directory; a damaged one is a `ModelFileError` naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path} is not valid JSON ({e}); re-download or re-export it") from e
+
+
+def _open_safetensors(path: str) -> Any:
+    """`safe_open`, with a damaged file (truncated, bad header, a tensor outside the data) named."""
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as e:
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({e}); re-download or re-export it"
+        ) from e
+
+
 class SafetensorsDir:
     """The tensors of `model.safetensors` or of the shards a `model.safetensors.index.json` lists."""
 
@@ -41,11 +65,13 @@ class SafetensorsDir:
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            listing = read_json(index)
+            weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ModelFileError(f"{index} has no weight_map (tensor name -> file)")
             self.file_of = {k: os.path.join(directory, v) for k, v in weight_map.items()}
         elif os.path.exists(single):
-            with safe_open(single, framework="numpy") as f:
+            with _open_safetensors(single) as f:
                 self.file_of = dict.fromkeys(f.keys(), single)
         else:
             raise FileNotFoundError(
@@ -59,7 +85,7 @@ class SafetensorsDir:
         if path not in self._handles:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"missing checkpoint shard {path} (listed for {key})")
-            self._handles[path] = safe_open(path, framework="numpy")
+            self._handles[path] = _open_safetensors(path)
         return self._handles[path].get_tensor(key)
 
 
@@ -126,8 +152,8 @@ def read_params(
       The parameter pytree, in `abstract`'s dtypes.
 
     Raises:
-      KeyError: a parameter has no tensor in the checkpoint.
-      ValueError: a tensor's shape disagrees with the config.
+      ModelFileError: a parameter has no tensor in the checkpoint, or a tensor's shape
+        disagrees with the config.
     """
     store = SafetensorsDir(source) if isinstance(source, str) else source
     used: set[str] = set()
@@ -140,14 +166,16 @@ def read_params(
                 array = _from_hf(store.get(key), path[-1], family)
                 if array.shape != shape:
                     # Report the tensor as stored, so the numbers match what the file says.
-                    raise ValueError(
+                    raise ModelFileError(
                         f"{store.file_of[key]}: tensor {key} has shape "
                         f"{_hf_shape(array.shape, path[-1], family)} but the config implies "
                         f"{_hf_shape(shape, path[-1], family)}"
                     )
                 return array
         name = ".".join((*base, _LEAF_NAMES[path[-1]][0]))
-        raise KeyError(f"{store.name}: checkpoint has no tensor {name} (for {'/'.join(path)})")
+        raise ModelFileError(
+            f"{store.name}: checkpoint has no tensor {name} (for {'/'.join(path)})"
+        )
 
     def load(path, spec, sharding):
         if _is_stacked(path, family, cfg):

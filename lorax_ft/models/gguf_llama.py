@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from lorax_ft.models.checkpoint import load_params
+from lorax_ft.models.checkpoint import ModelFileError, load_params
 from lorax_ft.models.families import LLAMA
 from lorax_ft.models.hf_config import llama_from_hf
+
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 _NAMES = {
     "token_embd": "model.embed_tokens",
@@ -127,7 +129,12 @@ def load_gguf(path: str, shardings: Any = None, read_weights: bool = True, **ove
     """
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:  # what a damaged file raises
+        raise ModelFileError(
+            f"{path} is not a readable GGUF file ({e}); re-download or re-convert it"
+        ) from e
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; valid: llama")

