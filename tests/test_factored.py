@@ -1,6 +1,5 @@
 """The factored forward pass against the merged one and against explicitly merged kernels."""
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ from flax import nnx
 import lorax_ft as lf
 from lorax_ft import lora
 from tests import toy_models as tm
+from tests.tolerance import assert_close
 
 ALL_KERNELS = lf.Spec([(r".*(kernel|embedding)", lf.LoRA(rank=4, alpha=8))])
 
@@ -49,8 +49,8 @@ def _check_linen(model, x, spec=ALL_KERNELS, expected_paths=None):
     flat = _merged_by_hand(params, adapters)
     by_hand = model.apply({"params": lf.paths.unflatten(flat)}, x)
 
-    chex.assert_trees_all_close(factored, by_hand, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(merged, by_hand, atol=1e-5, rtol=1e-5)
+    assert_close(factored, by_hand, tol=1e-5)
+    assert_close(merged, by_hand, tol=1e-5)
     # The adapters matter: the adapted output is far from the base output.
     base = model.apply({"params": params}, x)
     assert float(jnp.abs(by_hand - base).max()) > 1e-2
@@ -102,8 +102,8 @@ def test_nnx_model_factored_equals_merged():
         merged = lf.factored(run)(params, adapters, ids)
     flat = _merged_by_hand(params, adapters)
     by_hand = run(lf.paths.unflatten(flat), ids)
-    chex.assert_trees_all_close(factored, by_hand, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(merged, by_hand, atol=1e-5, rtol=1e-5)
+    assert_close(factored, by_hand, tol=1e-5)
+    assert_close(merged, by_hand, tol=1e-5)
 
 
 def test_zero_b_is_exactly_the_base_model():
@@ -131,7 +131,7 @@ def test_unsupported_layer_falls_back_to_merged_with_warning():
     with pytest.warns(UserWarning, match=r"merged .* for: w;"):
         out = lf.factored(model)(params, adapters, x)
     by_hand = model.apply({"params": lf.paths.unflatten(_merged_by_hand(params, adapters))}, x)
-    chex.assert_trees_all_close(out, by_hand, atol=1e-5)
+    assert_close(out, by_hand, tol=1e-5)
 
 
 def test_siblings_reading_one_input_share_the_down_projection():
@@ -183,7 +183,7 @@ def test_model_zoo_llama_scanned_with_remat_and_tied_embedding(remat):
     )  # fmt: skip
     factored = jax.jit(lf.factored(module))(params, adapters, ids)
     by_hand = module.apply({"params": lf.paths.unflatten(_merged_by_hand(params, adapters))}, ids)
-    chex.assert_trees_all_close(factored, by_hand, atol=1e-5, rtol=1e-5)
+    assert_close(factored, by_hand, tol=1e-5)
 
 
 def test_only_siblings_share_a_down_projection():
@@ -203,4 +203,4 @@ def test_only_siblings_share_a_down_projection():
     adapters = _nonzero(lora.init(jax.random.key(1), params, lf.Spec([(".*kernel", lf.LoRA(2))])))
     out = jax.jit(lf.factored(model))(params, adapters, x)
     by_hand = model.apply({"params": lf.paths.unflatten(_merged_by_hand(params, adapters))}, x)
-    chex.assert_trees_all_close(out, by_hand, atol=1e-5)
+    assert_close(out, by_hand, tol=1e-5)

