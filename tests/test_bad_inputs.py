@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -82,6 +83,19 @@ def files(tmp_path_factory):
         "".join(f'{{"text": "t{i}", "label": {5 * (i % 2)}}}\n' for i in range(40))
     )
     (d / "a_file").write_text("not a directory\n")
+    # MiniLM's own config.json beside damaged weights: truncated, garbage, empty.
+    from lorax_ft.models.presets import preset_path
+
+    model = Path(preset_path("all-minilm-l6-v2"))
+    weights = (model / "model.safetensors").read_bytes()
+    for name, data in [
+        ("truncated", weights[: len(weights) // 2]),
+        ("garbage", b"\x13\x37" * 4096),
+        ("empty", b""),
+    ]:
+        (d / f"model_{name}").mkdir()
+        shutil.copy(model / "config.json", d / f"model_{name}" / "config.json")
+        (d / f"model_{name}" / "model.safetensors").write_bytes(data)
     return d
 
 
@@ -213,6 +227,12 @@ CASES = [
     ("preset_and_path", override("model.path=configs"), ["exactly one of model.preset"]),
     ("neither_preset_nor_path", override("model.preset="), ["exactly one of model.preset"]),
     ("unknown_preset", override("model.preset=gpt-5"), ["gpt-5"]),
+    ("safetensors_truncated", ("train", f"--config={TINY}", "--config.model.preset=",
+     "--config.model.path=__FILES__/model_truncated"), ["model.safetensors"]),
+    ("safetensors_garbage", ("train", f"--config={TINY}", "--config.model.preset=",
+     "--config.model.path=__FILES__/model_garbage"), ["model.safetensors"]),
+    ("safetensors_empty", ("train", f"--config={TINY}", "--config.model.preset=",
+     "--config.model.path=__FILES__/model_empty"), ["model.safetensors"]),
     ("model_path_missing", ("train", f"--config={TINY}", "--config.model.preset=",
      "--config.model.path=/no/model"), ["model.path='/no/model' does not exist"]),
     ("data_path_missing", ("train", f"--config={TINY}", "--config.data.name=",
@@ -258,6 +278,12 @@ CASES = [
      ["peft.rank"]),
     ("eval_with_another_mode", ("eval", "--config=configs/bbc_minilm.py:full,tiny"),
      ["peft.mode"]),
+    ("generate_max_new_tokens_0", ("generate", f"--config={CHAT}",
+     "--config.train.max_new_tokens=0"), ["max_new_tokens=0"]),
+    ("generate_max_new_tokens_negative", ("generate", f"--config={CHAT}",
+     "--config.train.max_new_tokens=-5"), ["max_new_tokens=-5"]),
+    ("generate_max_new_tokens_huge", ("generate", f"--config={CHAT}",
+     "--config.train.max_new_tokens=100000"), ["max_new_tokens=100000"]),
     ("generate_on_a_classifier", ("generate", f"--config={TINY}"), ["causal_lm"]),
     ("export_into_workdir", ("export", f"--config={TINY}", "--export_dir=__WORKDIR__"),
      ["--export_dir"]),

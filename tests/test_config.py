@@ -69,3 +69,18 @@ def test_peft_spec_from_config():
     assert all(isinstance(a, LoRA) and a.rank == 8 and a.scale == 2.0 for a in actions[:-1])
     assert spec.rules[-1] == (r"classifier/.*", Train())
     assert config_lib.peft_spec(bbc_minilm.get_config("full").peft, BertConfig()) is FULL_FINETUNE
+
+
+def test_schedule_length_follows_train_steps_unless_set():
+    """`--config.train.steps=8` ends the decay at step 8; an explicit total_steps is kept."""
+    from lorax_ft import optim
+
+    config = bbc_minilm.get_config("lora")
+    config.train.steps = 8
+    resolved = config_lib.resolve(config)
+    assert resolved.schedule.total_steps == 8 and config.schedule.total_steps == 0
+    schedule = optim.make_schedule(resolved.schedule)
+    assert float(schedule(8)) == pytest.approx(config.schedule.lr * config.schedule.end_lr_factor)
+    assert float(schedule(6)) == pytest.approx(config.schedule.lr)  # the end of the warmup
+    config.schedule.total_steps = 20
+    assert config_lib.resolve(config).schedule.total_steps == 20

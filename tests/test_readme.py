@@ -1,0 +1,92 @@
+"""README.md's `lorax-ft` commands, run through the installed command the way a user types them.
+
+Every `lorax-ft` line of the README's ```sh blocks runs, in README order, through `.venv/bin/
+lorax-ft` (the console script pip installed, not `python -m`) from a directory outside the
+repository, with `configs/...` made absolute and `runs/...` inside that directory; the `plan`
+command also runs literally from the repository root. Commands on a full-size config get the
+overrides of the `tiny` variants appended (a few steps of short sequences), so that the suite
+stays within CI's time; they are otherwise unchanged. `make` lines are the two commands
+themselves and are not run here. ```console blocks (multi-host commands that need real hosts)
+are not run; tests/test_trainer.py runs two processes on 127.0.0.1 instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+
+from tests.cli import ROOT, installed
+
+SHRINK = (
+    "--config.train.steps=2",
+    "--config.schedule.warmup_steps=1",
+    "--config.train.batch_size=8",
+    "--config.train.eval_batch_size=8",
+    "--config.train.eval_steps=1",
+    "--config.data.max_length=16",
+    "--config.train.checkpoint_every=2",
+    "--config.train.max_new_tokens=2",
+)
+
+
+def readme_commands() -> list[list[str]]:
+    """The `lorax-ft` command lines of README.md's sh blocks, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line.startswith("lorax-ft "):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def test_readme_names_real_commands():
+    commands = readme_commands()
+    assert len(commands) >= 10
+    assert {c[1] for c in commands} == {"train", "eval", "export", "generate", "plan"}
+
+
+def _as_run_from(command: list[str], directory) -> list[str]:
+    """Arguments for running `command` from `directory`, as described in the module docstring."""
+    args = []
+    for arg in command[1:]:
+        if arg.startswith("--config=configs/"):
+            arg = f"--config={ROOT}/{arg.removeprefix('--config=')}"
+        args.append(arg)
+    config_arg = next(a for a in args if a.startswith("--config="))
+    if args[0] != "plan" and "tiny" not in config_arg:
+        args += SHRINK
+    return args
+
+
+def test_every_readme_command_runs_through_the_installed_command(tmp_path):
+    outside = tmp_path / "user"
+    outside.mkdir()
+    for command in readme_commands():
+        args = _as_run_from(command, outside)
+        result = installed(*args, cwd=outside)
+        assert result.returncode == 0, (shlex.join(command), result.stderr[-3000:])
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        if command[1] == "train":
+            assert summary["steps"] >= 2 and not summary["preempted"]
+        elif command[1] == "eval":
+            assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["step"] == 2
+        elif command[1] == "generate":
+            assert list(summary["samples"]) == ["Hi there"]
+        elif command[1] == "export":
+            exported = outside / summary["export_dir"]
+            names = {p.name for p in exported.iterdir()}
+            assert ("adapters.safetensors" in names) == ("--adapters_only" in command)
+            assert "config.json" in names or "adapter_config.json" in names
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if c[1] == "plan"])
+def test_plan_runs_literally_from_the_repository_root(command):
+    result = installed(*command[1:], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plan["lora"]["devices"] == 16 and plan["full"]["devices"] == 16
