@@ -16,9 +16,12 @@ import json
 import re
 import shlex
 
+import numpy as np
 import pytest
 
+from lorax_ft.metrics import read_metrics
 from tests.cli import ROOT, installed
+from tests.tolerance import assert_close
 
 SHRINK = (
     "--config.train.steps=2",
@@ -64,24 +67,53 @@ def _as_run_from(command: list[str], directory) -> list[str]:
 
 
 def test_every_readme_command_runs_through_the_installed_command(tmp_path):
+    """Also the end-to-end checks of the chat config (tests/test_trainer_lm.py has the text one):
+    its answer-only loss, perplexity, samples, and `generate` answering as the samples did."""
     outside = tmp_path / "user"
     outside.mkdir()
+    evals_before = []  # (config, eval_before) of each train command
     for command in readme_commands():
+        if command[1] == "plan":
+            continue  # run literally from the repository root below
         args = _as_run_from(command, outside)
         result = installed(*args, cwd=outside)
         assert result.returncode == 0, (shlex.join(command), result.stderr[-3000:])
         summary = json.loads(result.stdout.strip().splitlines()[-1])
+        workdir = outside / next(a for a in args if a.startswith("--workdir=")).split("=", 1)[1]
         if command[1] == "train":
             assert summary["steps"] >= 2 and not summary["preempted"]
+            evals_before.append((args[1], summary["eval_before"]))
+            if "smollm2_chatterbot" in args[1]:
+                _check_chat_run(workdir)
         elif command[1] == "eval":
             assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["step"] == 2
         elif command[1] == "generate":
-            assert list(summary["samples"]) == ["Hi there"]
+            samples = json.loads((workdir / "samples.json").read_text())
+            assert summary["step"] == 2 and summary["samples"] == {"Hi": samples["after"]["Hi"]}
         elif command[1] == "export":
             exported = outside / summary["export_dir"]
             names = {p.name for p in exported.iterdir()}
             assert ("adapters.safetensors" in names) == ("--adapters_only" in command)
             assert "config.json" in names or "adapter_config.json" in names
+
+    # Full fine-tuning starts from the same model as LoRA (B = 0): the same step-0 eval, on
+    # every mesh (the shrunk full runs read the same eval batch as the shrunk LoRA run).
+    lora = next(e for c, e in evals_before if c.endswith("bbc_minilm.py:lora"))
+    full = [e for c, e in evals_before if c.endswith("bbc_minilm.py:full")]
+    assert len(full) == 2
+    for before in full:
+        assert before["eval_accuracy"] == lora["eval_accuracy"]
+        assert_close(before["eval_loss"], lora["eval_loss"], tol=1e-5)
+
+
+def _check_chat_run(workdir):
+    records = read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(r["tokens"] > 0 for r in records if "loss" in r)  # answer tokens were trained
+    perplexity = [r["eval_perplexity"] for r in records if "eval_perplexity" in r]
+    assert len(perplexity) == 2 and all(np.isfinite(perplexity))
+    samples = json.loads((workdir / "samples.json").read_text())
+    assert set(samples) == {"before", "after"} and all(samples["after"].values())
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if c[1] == "plan"])

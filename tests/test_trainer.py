@@ -167,8 +167,8 @@ def test_tiny_config_trains_end_to_end(tiny_run):
 # LORAX_FT_SLOW_TESTS=1.
 TINY_RUNS = {
     ("bbc_minilm", "lora"): "tiny_run",
-    ("bbc_minilm", "full"): "test_full_finetuning_tiny_variants",
-    ("smollm2_chatterbot", "lora"): "test_trainer_lm.py",
+    ("bbc_minilm", "full"): "test_readme.py (its FSDP commands, shrunk as the tiny variant)",
+    ("smollm2_chatterbot", "lora"): "test_readme.py",
     ("smollm2_shakespeare", "lora"): "test_trainer_lm.py",
     ("smollm2_chatterbot", "full"): "test_full_finetuning_tiny_variants (slow)",
     ("smollm2_shakespeare", "full"): "test_full_finetuning_tiny_variants (slow)",
@@ -187,12 +187,11 @@ def test_every_config_has_a_tiny_run():
 @pytest.mark.parametrize(
     ("config", "overrides"),
     [
-        ("bbc_minilm", _FSDP),
         pytest.param("smollm2_chatterbot", _FSDP, marks=_SLOW),
         pytest.param("smollm2_shakespeare", _FSDP, marks=_SLOW),
     ],
 )
-def test_full_finetuning_tiny_variants(tiny_run, tmp_path, config, overrides):
+def test_full_finetuning_tiny_variants(tmp_path, config, overrides):
     result = lorax_ft(
         "train", f"--config=configs/{config}.py:full,tiny", f"--workdir={tmp_path}", *overrides
     )
@@ -201,11 +200,6 @@ def test_full_finetuning_tiny_variants(tiny_run, tmp_path, config, overrides):
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(losses) == summary["steps"] and np.all(np.isfinite(losses))
     assert (tmp_path / "checkpoints" / str(summary["steps"])).is_dir()
-    if config == "bbc_minilm":  # LoRA starts from the same model (B = 0): the same step-0 eval
-        lora_before = read_metrics(tiny_run / "metrics.jsonl")[0]
-        assert lora_before["step"] == 0
-        assert summary["eval_before"]["eval_accuracy"] == lora_before["eval_accuracy"]
-        assert_close(summary["eval_before"]["eval_loss"], lora_before["eval_loss"], tol=1e-5)
 
 
 def test_eval_and_export_from_the_workdir(tiny_run, tmp_path):
