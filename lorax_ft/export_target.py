@@ -1,5 +1,7 @@
 """Where `lorax-ft export` may write, and writing there without losing anything.
 
+(`check_creatable` also serves `train`'s workdir: a directory that exists or can be created.)
+
 An export replaces its target directory, so the target is checked before any work is done: it
 must not be a file, the workdir, inside the workdir or above it, nor a directory holding
 anything an earlier export of ours did not write. Each export records what it wrote in a marker
@@ -45,11 +47,7 @@ def check_target(target: str, workdir: str, overwrite: bool) -> None:
         raise ExportTargetError(f"{where} contains the workdir {workdir}; export elsewhere")
     if os.path.exists(target) and not os.path.isdir(target):
         raise ExportTargetError(f"{where} is a file; give a new or empty directory")
-    parent = os.path.dirname(real)
-    while not os.path.exists(parent):  # the nearest existing folder is where it is created
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportTargetError(f"{where}: {parent} is not a writable directory")
+    check_creatable(os.path.dirname(real), where, ExportTargetError)
     if not os.path.isdir(target) or not os.listdir(target):
         return
     written = _recorded_entries(target)
@@ -66,6 +64,22 @@ def check_target(target: str, workdir: str, overwrite: bool) -> None:
         )
     if not overwrite:
         raise ExportTargetError(f"{where} holds an earlier export; pass --overwrite to replace it")
+
+
+def check_creatable(path: str, where: str, error: type[UserError] = UserError) -> None:
+    """Raises `error` unless `path` exists as a writable directory or could be created: the
+    nearest existing folder on its way is where it would be created, and must be writable.
+
+    Args:
+      path: the directory a command will write into (or create).
+      where: the flag naming it, for the message (e.g. `--workdir=runs/x`).
+      error: the exception type to raise.
+    """
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise error(f"{where}: {existing} is not a writable directory")
 
 
 def replace_directory(target: str, write, record: dict | None = None) -> None:

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from lorax_ft.config_file import load_config_file
 from lorax_ft.errors import UserError
+from lorax_ft.export_target import check_creatable
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat for a batch).")
@@ -112,11 +113,7 @@ def check_workdir(workdir: str, *, writing: bool) -> None:
         if not os.path.isdir(workdir):
             raise UserError(f"--workdir={workdir} does not exist: train there first")
         return
-    existing = workdir
-    while not os.path.exists(existing):  # the nearest existing parent is where it is created
-        existing = os.path.dirname(os.path.abspath(existing))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--workdir={workdir}: {existing} is not a writable directory")
+    check_creatable(workdir, f"--workdir={workdir}")
 
 
 def _usage_error(message: str):
