@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 
 from lorax_ft import lora
 from lorax_ft.checkpointing import Checkpointer
+from lorax_ft.completions import generate_texts, merged_params
 from lorax_ft.errors import UserError
 from lorax_ft.export_target import check_target, replace_directory
 from lorax_ft.resume import resume_config
@@ -63,35 +64,6 @@ def generate(config, workdir, prompts) -> dict:
     rendered = [generation_prompt(config.data, p) for p in prompts]  # the chat template, if any
     texts = generate_texts(task, params, rendered, config.train.max_new_tokens)
     return {"step": int(state.step), "samples": dict(zip(prompts, texts, strict=True))}
-
-
-@jax.jit
-def merged_params(variables):
-    """`{"params", "lora"}` -> params with every adapter merged in: one compiled program, so the
-    merged kernels stay where (and sharded as) their base kernels are."""
-    return lora.merge(variables["params"], variables["lora"])
-
-
-def generate_texts(task, params, prompts, max_new_tokens) -> list[str]:
-    """Greedy continuations of `prompts` (plain text) with the task's tokenizer."""
-    from lorax_ft.models.generate import Sampling
-    from lorax_ft.models.generate import generate as generate_tokens
-
-    params = _one_copy_if_replicated(params)
-    ids = [task.tokenizer.encode(p).ids for p in prompts]
-    stops = tuple(getattr(task.model_config, "eos_token_ids", ()) or ())
-    sampling = Sampling(max_new_tokens=max_new_tokens, stop_tokens=stops)
-    out = generate_tokens(task.module, params, ids, sampling)
-    return [task.tokenizer.decode(list(np.asarray(row))) for row in out]
-
-
-def _one_copy_if_replicated(params):
-    """Params every device holds whole (data parallelism) -> one device's copy (no copy is made):
-    decoding one batch of prompts on identical replicas would only repeat the work."""
-    leaves = jax.tree.leaves(params)
-    if all(x.is_fully_addressable and x.sharding.is_fully_replicated for x in leaves):
-        return jax.tree.map(lambda x: x.addressable_shards[0].data, params)
-    return params
 
 
 def export(config, workdir, export_dir, adapters_only: bool, overwrite: bool = False) -> dict:

@@ -173,6 +173,13 @@ def validate(config: ConfigDict, num_devices: int | None = None, process_count: 
     for key, bounds in RANGES.items():
         section, name = key.split(".")
         _check_range(key, config[section][name], *bounds)
+    for key in ("lr_mults", "wd_mults"):
+        for index, rule in enumerate(config.optim[key]):
+            if not _is_multiplier_rule(rule):
+                raise ConfigError(
+                    f"optim.{key}[{index}]={rule!r} must be (regex, multiplier >= 0), e.g. "
+                    "('params/.*/kernel', 0.5)"
+                )
     train, schedule = config.train, config.schedule
     total = total_steps(config)
     if schedule.name == "constant" and schedule.warmup_steps:
@@ -260,6 +267,14 @@ def _is_regex(pattern) -> bool:
     except (re.error, TypeError):
         return False
     return True
+
+
+def _is_multiplier_rule(rule) -> bool:
+    if not isinstance(rule, tuple | list) or len(rule) != 2:
+        return False
+    regex, mult = rule
+    number = isinstance(mult, int | float) and not isinstance(mult, bool)
+    return isinstance(regex, str) and _is_regex(regex) and number and 0 <= mult < math.inf
 
 
 def _check_keys(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:

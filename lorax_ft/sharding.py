@@ -9,8 +9,9 @@ layer). Placement is config data, two kinds of ordered rules:
   rule for its name whose mesh axes are not yet used by that parameter and divide its size wins;
   a `None` rule, no rule, or no rule that fits leaves the axis replicated.
 * *path rules* `(regex, PartitionSpec)` over `/`-joined parameter paths, for models without
-  annotations; the first full match wins and overrides the logical rules. A spec axis that does
-  not divide its dimension falls back to replicated.
+  annotations; the first full match wins and overrides the logical rules (`lorax_ft.rules`: a
+  rule that matches no parameter is an error). A spec axis that does not divide its dimension
+  falls back to replicated.
 
 Mesh axes of size 1 are dropped from the specs, so a spec says what is really split. LoRA factors
 are placed from their kernel: A (*stack, in, r) keeps the stacked and input axes' sharding, B
@@ -24,7 +25,6 @@ are placed from their kernel: A (*stack, in, r) keeps the stacked and input axes
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from lorax_ft import lora, paths
 from lorax_ft.lora import Factors, KernelLayout
+from lorax_ft.rules import Rules
 
 PyTree = Any
 MeshAxes = str | tuple[str, ...] | None
@@ -171,20 +172,25 @@ def param_specs(
     logical_axes: PyTree | None = None,
     rules: Sequence[LogicalRule] = DEFAULT_RULES,
     path_rules: Sequence[PathRule] = (),
+    check_path_rules: bool = True,
 ) -> PyTree:
     """A pytree like `params` (arrays or `jax.ShapeDtypeStruct`s) of mesh `PartitionSpec`s.
 
     Each leaf's spec comes from the first path rule that fully matches its path, else from its
     logical axes through `rules`, else it is replicated.
+
+    Raises:
+      RuleError: a path rule that is not a valid regex or (unless `check_path_rules` is False,
+        for a table shared by several models) matches no parameter.
     """
-    compiled = [(re.compile(pattern), spec) for pattern, spec in path_rules]
+    table = Rules(path_rules, what="sharding.path_rules")
+    chosen = table.match(paths.flatten(params), check=check_path_rules) if table else {}
     logical = _flat_logical(logical_axes)
 
     def spec_of(path: str, leaf) -> P:
         shape = tuple(leaf.shape)
-        for regex, spec in compiled:
-            if regex.fullmatch(path):
-                return fit_spec(shape, spec, mesh)
+        if chosen.get(path) is not None:
+            return fit_spec(shape, chosen[path], mesh)
         if path in logical:
             return logical_to_spec(shape, logical[path], rules, mesh)
         return P()

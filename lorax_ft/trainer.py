@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from lorax_ft import config as config_lib
 from lorax_ft import data, lora, workdir_lock
 from lorax_ft.checkpointing import Checkpointer
+from lorax_ft.completions import generate_texts, merged_params
 from lorax_ft.errors import UserError
 from lorax_ft.experiment import Experiment, build
 from lorax_ft.metrics import MetricsWriter, plot_curves, read_metrics
@@ -164,8 +165,6 @@ def _write_samples(experiment: Experiment, workdir: Path, state, when: str) -> N
         # Decoding reads the prompts as host arrays, which a mesh across processes cannot take.
         logging.warning("samples are not generated in multi-process runs; use `lorax-ft generate`")
         return
-    from lorax_ft.commands import generate_texts, merged_params
-
     params = merged_params(state.variables)
     texts = [generation_prompt(config.data, p) for p in prompts]
     completions = generate_texts(task, params, texts, config.train.max_new_tokens)

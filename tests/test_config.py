@@ -1,9 +1,13 @@
 """Config validation: each bad config is one clear error naming the key."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+import lorax_ft as lf
 from configs import bbc_minilm, smollm2_chatterbot, smollm2_shakespeare
 from lorax_ft import config as config_lib
+from lorax_ft import lora
 from lorax_ft.spec import FULL_FINETUNE, LoRA, Train
 
 
@@ -47,6 +51,17 @@ def test_config_arguments_are_checked():
             lambda c: c.sharding.__setattr__("path_rules", (("bert/(", ("fsdp",)),)),
             r"sharding.path_rules\[0\]=.* must be \(regex",
         ),
+        (
+            lambda c: c.optim.__setattr__("lr_mults", (("bert/.*", 0.5), ("(", 2.0))),
+            r"optim.lr_mults\[1\]=\('\(', 2.0\) must be \(regex, multiplier >= 0\)",
+        ),
+        (
+            lambda c: c.optim.__setattr__("wd_mults", ((".*", -1.0),)),
+            r"optim.wd_mults\[0\]=\('.\*', -1.0\) must be \(regex, multiplier >= 0\)",
+        ),
+        (lambda c: c.optim.__setattr__("wd_mults", ((".*",),)), r"optim.wd_mults\[0\]="),
+        (lambda c: c.optim.__setattr__("lr_mults", ((".*", "2"),)), r"optim.lr_mults\[0\]="),
+        (lambda c: c.optim.__setattr__("lr_mults", ((".*", True),)), r"optim.lr_mults\[0\]="),
     ],
 )
 def test_each_bad_config_names_its_key(edit, message):
@@ -58,6 +73,34 @@ def test_each_bad_config_names_its_key(edit, message):
     edit(config)
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config, num_devices=8)
+
+
+def test_multiplier_rules_are_config_data():
+    """`optim.lr_mults` / `optim.wd_mults` set in a config file validate and reach the optimizer."""
+    from lorax_ft import optim
+    from lorax_ft.models import BertConfig
+
+    config = bbc_minilm.get_config("lora")
+    config.peft.targets = r".*/self/value/kernel"
+    config.optim.lr_mults = ((r"lora/.*/value/kernel/.", 0.5), ("params/classifier/.*", 10))
+    config.optim.wd_mults = ((r"lora/.*", 0.0),)
+    config_lib.validate(config, num_devices=8)
+    spec = config_lib.peft_spec(config.peft, BertConfig(num_hidden_layers=1))
+    params = {
+        "bert": {"encoder": {"layer_0": {"attention": {"self": {"value": {"kernel": (16, 16)}}}}}},
+        "classifier": {"kernel": (16, 2)},
+    }
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), params, is_leaf=_shape)
+    adapters = jax.eval_shape(lambda: lora.init(jax.random.key(0), params, spec))
+    groups = optim.leaf_groups(config.optim, lf.variable_labels(params, adapters, spec))
+    value = "lora/bert/encoder/layer_0/attention/self/value/kernel"
+    assert groups[f"{value}/a"] == optim.Group("lora", 0.5, 0.0)
+    assert groups[f"{value}/b"] == optim.Group("lora_b", 0.5, 0.0)
+    assert groups["params/classifier/kernel"] == optim.Group("train", 10, None)
+
+
+def _shape(x):
+    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
 
 
 def test_peft_spec_from_config():

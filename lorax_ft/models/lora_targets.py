@@ -8,14 +8,14 @@ usual PEFT choice for GPT-2).
 
 Example:
     >>> patterns = lora_targets("llama", "attention-qv")
-    >>> any(re.fullmatch(p, "model/layers_0/self_attn/q_proj/kernel") for p in patterns)
+    >>> is_target("model/layers_0/self_attn/q_proj/kernel", patterns)
     True
 """
 
-import re
 from typing import Any
 
 from lorax_ft.models.families import MODEL_TYPES, family_for_config
+from lorax_ft.rules import Rules
 
 
 def _under(stack: str, body: str) -> str:
@@ -73,5 +73,5 @@ def lora_targets(family: str | Any, preset: str) -> tuple[str, ...]:
 
 
 def is_target(path: str, patterns: tuple[str, ...]) -> bool:
-    """Whether the `/`-joined parameter path matches any of `patterns`."""
-    return any(re.fullmatch(p, path) for p in patterns)
+    """Whether the `/`-joined parameter path matches any of `patterns` (fully, as every rule)."""
+    return Rules([(p, True) for p in patterns], what="LoRA targets").index(path) is not None
