@@ -113,7 +113,7 @@ def build(config, *, read_weights: bool = True, mode: str | None = None) -> Expe
     else:
         state, shardings = sharded_step.abstract_train_state(init_variables, *args, **options)
 
-    apply_fn = factored(task.module)
+    apply_fn = factored(task.module, constrain=mesh_lib.split_over_batch)
     train_step = sharded_step.make_sharded_train_step(
         apply_fn, task.loss_fn, tx, shardings, mesh, optim.make_schedule(config.schedule),
         grad_accum=config.train.grad_accum,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -52,7 +53,8 @@ class Layer:
 
     @property
     def layout(self) -> KernelLayout:
-        return KernelLayout(stack=0, inputs=self.inputs, embedding=self.kind in ("embed", "attend"))
+        embedding = self.kind in ("embed", "attend")
+        return KernelLayout(0, self.inputs, embedding, kernel_shape=self.kernel_shape)
 
     @property
     def features(self) -> tuple[int, int]:
@@ -201,52 +203,107 @@ def _linen_conv(module, kernel_shape) -> Callable:
 
 
 def _conv_supported(module) -> bool:
-    return module.feature_group_count == 1 and module.mask is None
+    # ConvLocal shares `_Conv.__call__` but has one kernel per output position.
+    return (
+        module.feature_group_count == 1
+        and module.mask is None
+        and getattr(module, "shared_weights", True)
+    )
 
 
-def from_linen(module: nn.Module, method: str, x: jax.Array, kernel_shape) -> Layer | None:
-    """The `Layer` for a linen module call, or None when it is not a supported layer."""
-    kw = {"dtype": getattr(module, "dtype", None), "precision": getattr(module, "precision", None)}
-    kind = type(module)
-    if method == "__call__":
-        if issubclass(kind, nn.Dense):
-            return _dense_layer(-1, x.ndim, kernel_shape, **kw)
-        if issubclass(kind, nn.DenseGeneral) and not module.batch_dims:
-            return _dense_layer(module.axis, x.ndim, kernel_shape, **kw)
-        if issubclass(kind, nn.Einsum):
-            return _einsum_layer(module.einsum_str, kernel_shape, **kw)
-        if issubclass(kind, nn.Conv) and _conv_supported(module):
-            conv = _linen_conv(module, kernel_shape)
-            return Layer("conv", tuple(kernel_shape), len(kernel_shape) - 1, conv=conv, **kw)
-        if issubclass(kind, nn.Embed):
-            return Layer("embed", tuple(kernel_shape), 1, **kw)
-    if method == "attend" and issubclass(kind, nn.Embed):
-        return Layer("attend", tuple(kernel_shape), 1, **kw)
-    return None
+# The operations a layer may take as an argument in place of JAX's own. The delta is computed
+# with plain matmuls, so a layer that brings its own (quantised, fp8, ...) is not recognised.
+_OP_FIELDS = (
+    "dot_general",
+    "dot_general_cls",
+    "conv_general_dilated",
+    "conv_general_dilated_cls",
+    "einsum_op",
+)
 
 
-def from_nnx(module: nnx.Module, method: str, x: jax.Array) -> Layer | None:
-    """The `Layer` for an NNX module call, or None when it is not a supported layer."""
-    kw = {"dtype": getattr(module, "dtype", None), "precision": getattr(module, "precision", None)}
-    if isinstance(module, nnx.Embed):
-        shape = module.embedding.shape
-        return Layer("attend" if method == "attend" else "embed", tuple(shape), 1, **kw)
-    if method != "__call__":
+def _default_ops(cls: type) -> dict[str, Any]:
+    if dataclasses.is_dataclass(cls):  # linen: the module's dataclass fields
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    else:  # NNX: the constructor's defaults
+        fields = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()}
+    return {name: fields[name] for name in _OP_FIELDS if name in fields}
+
+
+def _uses_own_ops(module: Any, known: type) -> bool:
+    return any(getattr(module, n, d) is not d for n, d in _DEFAULT_OPS[known].items())
+
+
+LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+"""linen layer classes whose own `__call__` (and `Embed.attend`) the factored path computes."""
+NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
+"""NNX layer classes whose own `__call__` (and `Embed.attend`) the factored path computes."""
+_DEFAULT_OPS = {cls: _default_ops(cls) for cls in (*LINEN_LAYERS, *NNX_LAYERS)}
+
+
+def _unwrapped(cls: type, method: str):
+    # linen wraps every module method; interceptors see the function underneath.
+    fn = getattr(cls, method)
+    return getattr(fn, "__wrapped__", fn)
+
+
+LINEN_IMPLEMENTATIONS: dict[Any, tuple[type, str]] = {
+    _unwrapped(cls, method): (cls, method)
+    for cls in LINEN_LAYERS
+    for method in ("__call__", "attend")
+    if hasattr(cls, method)
+}
+"""The functions that implement the supported linen layers -> (layer class, method).
+
+A layer call is recognised by the function that runs, not by the module's class: a subclass
+whose `__call__` scales `super().__call__(x)` is recognised once, at the inner call, where the
+delta belongs; one whose `__call__` computes something of its own is not recognised at all.
+"""
+
+
+def from_linen(
+    module: nn.Module, known: type, method: str, x: jax.Array, kernel_shape
+) -> Layer | None:
+    """The `Layer` for a call of `known.method` (a supported linen implementation) on `module`.
+
+    None when that call cannot be computed factored (custom ops, feature groups, batch dims).
+    """
+    return _layer(module, known, method, x, tuple(kernel_shape))
+
+
+def nnx_known_class(cls: type) -> type | None:
+    """The supported NNX layer class that `cls` is or derives from, if any."""
+    return next((c for c in cls.__mro__ if c in NNX_LAYERS), None)
+
+
+def from_nnx(module: nnx.Module, known: type, method: str, x: jax.Array) -> Layer | None:
+    """The `Layer` for a call of `known.method` (a supported NNX layer) on `module`, or None."""
+    weight = module.embedding if known is nnx.Embed else module.kernel
+    return _layer(module, known, method, x, tuple(weight.shape))
+
+
+def _no_batch_dims(batch_dims) -> bool:
+    # `batch_dims=0` is a batch axis (dimension 0), not "none": compare with the empty tuple.
+    return ((batch_dims,) if isinstance(batch_dims, int) else tuple(batch_dims)) == ()
+
+
+def _layer(module, known: type, method: str, x, shape: tuple[int, ...]) -> Layer | None:
+    if _uses_own_ops(module, known):
         return None
-    shape = tuple(module.kernel.shape)
-    if isinstance(module, nnx.Linear):
+    kw = {"dtype": getattr(module, "dtype", None), "precision": getattr(module, "precision", None)}
+    if known in (nn.Embed, nnx.Embed):
+        return Layer("attend" if method == "attend" else "embed", shape, 1, **kw)
+    if known in (nn.Dense, nnx.Linear):
         return _dense_layer(-1, x.ndim, shape, **kw)
-    if isinstance(module, nnx.LinearGeneral) and not module.batch_axis:
+    if known is nn.DenseGeneral and _no_batch_dims(module.batch_dims):
         return _dense_layer(module.axis, x.ndim, shape, **kw)
-    if isinstance(module, nnx.Einsum):
+    if known is nnx.LinearGeneral and not module.batch_axis:
+        return _dense_layer(module.axis, x.ndim, shape, **kw)
+    if known in (nn.Einsum, nnx.Einsum):
         return _einsum_layer(module.einsum_str, shape, **kw)
-    if isinstance(module, nnx.Conv) and _conv_supported(module):
+    if known in (nn.Conv, nnx.Conv) and _conv_supported(module):
         return Layer("conv", shape, len(shape) - 1, conv=_linen_conv(module, shape), **kw)
     return None
-
-
-NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
-"""NNX layer classes whose calls the factored path computes directly."""
 
 
 def kernel_name(module: Any) -> str:

@@ -63,21 +63,39 @@ class KernelLayout:
     """How a kernel's axes split: `stack` leading layer axes, then `inputs` input axes, then outputs.
 
     `embedding` marks lookup tables, which PEFT initialises the other way round (A zero, B random).
+    `kernel_shape`, when known (layouts from `infer_layouts` have it), is the kernel's shape as
+    its layer sees it, without the stacked axes: it ties the layout to the model it came from.
     """
 
     stack: int = 0
     inputs: int = 1
     embedding: bool = False
+    kernel_shape: tuple[int, ...] | None = None
 
     @classmethod
     def default(cls, path: str, shape: tuple[int, ...]) -> KernelLayout:
-        """Without knowledge of the layer: all axes but the last are inputs (Dense, Conv, Embed)."""
+        """Without knowledge of the layer: all axes but the last are inputs (Dense, Embed)."""
         return cls(stack=0, inputs=len(shape) - 1, embedding=path.endswith("embedding"))
 
     def features(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """(in_features, out_features) of a kernel of `shape`."""
         core = shape[self.stack :]
         return math.prod(core[: self.inputs]), math.prod(core[self.inputs :])
+
+    def check(self, path: str, shape: tuple[int, ...]) -> None:
+        """Raises SpecError unless this layout can describe the kernel `path` of `shape`."""
+        core = shape[self.stack :]
+        if self.kernel_shape is not None and tuple(core) != tuple(self.kernel_shape):
+            raise SpecError(
+                f"layout for {path!r} was inferred for a kernel of shape {self.kernel_shape} "
+                f"(after {self.stack} stacked axes), but params have {shape}: layouts from "
+                "another model? Infer them from this one: lf.infer_layouts(model, params, x)"
+            )
+        if not 1 <= self.inputs < len(core):
+            raise SpecError(
+                f"layout for {path!r} (stack={self.stack}, inputs={self.inputs}) does not fit "
+                f"its kernel of shape {shape}: it needs at least one input and one output axis"
+            )
 
 
 def init(
@@ -95,29 +113,57 @@ def init(
       params: the base params pytree (only shapes are read; it is not changed).
       spec: the rules; leaves with a `LoRA` action are adapted.
       layouts: per-path `KernelLayout`, usually from `lorax_ft.factored.infer_layouts`; needed
-        for stacked (scanned) kernels and multi-axis kernels whose outputs span several axes
-        (an attention projection of shape (d, heads, head_dim)). Missing paths use
-        `KernelLayout.default`; a rule's `LoRA(in_axes=...)` overrides the input axes.
+        for stacked (scanned) kernels and multi-axis kernels (an attention projection of shape
+        (d, heads, head_dim)): such a target without a layout is refused rather than guessed.
+        2-D kernels without a layout are (inputs, outputs); a rule's `LoRA(in_axes=...)`
+        overrides the input axes. Layouts are checked against `params`.
       dtype: dtype of the factors (float32 keeps training precise with bfloat16 base weights).
 
     Returns:
       A nested dict mirroring `params`, holding a `Factors` node at each adapted kernel's path.
 
     Raises:
-      SpecError: a rank outside [1, min(in_features, out_features)].
+      SpecError: a rank outside [1, min(in_features, out_features)]; a layout missing for a
+        kernel with more than two axes, or not fitting `params`.
     """
-    layouts = layouts or {}
+    if not isinstance(spec, Spec):
+        raise SpecError(
+            f"lora.init takes a Spec, got {type(spec).__name__}: wrap rules as Spec([...]) or "
+            "Spec({regex: action})"
+        )
+    layouts = dict(layouts or {})
     flat = paths.flatten(params)
+    unknown = sorted(set(layouts) - set(flat))
+    if unknown:
+        raise SpecError(
+            f"layouts name {unknown[:3]}, which are not params of this model (layouts from "
+            "another model? Infer them from this one: lf.infer_layouts(model, params, x))"
+        )
     out = {}
     for index, (path, action) in enumerate(spec.lora_targets(params).items()):
         shape = tuple(flat[path].shape)
-        layout = layouts.get(path) or KernelLayout.default(path, shape)
-        if action.in_axes is not None:
-            layout = dataclasses.replace(layout, inputs=action.in_axes)
+        layout = _layout(path, shape, layouts.get(path), action)
         out[path] = _init_factors(
             jax.random.fold_in(rng, index), path, shape, layout, action, dtype
         )
     return paths.unflatten(out)
+
+
+def _layout(path: str, shape, layout: KernelLayout | None, action: LoRA) -> KernelLayout:
+    if layout is None:
+        if len(shape) > 2 and action.in_axes is None:
+            # A stacked or multi-axis kernel has several splits into inputs and outputs, and
+            # only its layer knows which one it computes: never guess.
+            raise SpecError(
+                f"LoRA target {path!r} has shape {shape}: which axes are stacked layers, inputs "
+                "and outputs depends on its layer; pass layouts=lf.infer_layouts(model, params, "
+                "x) to lora.init, or give the rule LoRA(rank, in_axes=...)"
+            )
+        layout = KernelLayout.default(path, shape)
+    if action.in_axes is not None:
+        layout = dataclasses.replace(layout, inputs=action.in_axes, kernel_shape=None)
+    layout.check(path, shape)
+    return layout
 
 
 def _init_factors(rng, path, shape, layout: KernelLayout, action: LoRA, dtype) -> Factors:

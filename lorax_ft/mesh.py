@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -89,3 +90,18 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def split_over_batch(y: jax.Array) -> jax.Array:
+    """`y` with its leading (batch) dimension split over the current mesh's batch axes.
+
+    A no-op unless traced under a mesh (`jax.sharding.use_abstract_mesh`, as the sharded steps
+    do) with `data`/`fsdp` axes that divide it; the other dimensions are left to XLA. The
+    sharded steps pass it to `lorax_ft.factored(model, constrain=...)` for every layer output.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or y.ndim == 0 or y.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return y
+    spec = P(axes if len(axes) > 1 else axes[0], *[P.UNCONSTRAINED] * (y.ndim - 1))
+    return jax.lax.with_sharding_constraint(y, spec)

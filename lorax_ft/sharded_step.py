@@ -61,7 +61,7 @@ def state_shardings(
     Frozen and trainable leaves take their variables' shardings; optimizer-state leaves shaped
     like their parameter (Adam's moments, momentum) take the parameter's, found through
     `optax.tree_map_params`; anything else (step counts, factored second moments) is replicated,
-    as are `step` and `rng`.
+    as are `step`, `rng` and the model state (BatchNorm statistics: small).
 
     Args:
       state: the state, concrete or abstract.
@@ -100,6 +100,7 @@ def state_shardings(
         trainable=like_variables(state.trainable),
         opt_state=opt_shardings,
         rng=whole,
+        model_state=jax.tree.map(lambda _: whole, state.model_state),
     )
 
 
@@ -184,7 +185,7 @@ def init_train_state(
 
 def _on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     """`fn` traced with `mesh` as the current mesh: `lorax_ft.factored` then keeps every adapted
-    or frozen layer's output split over the batch axes (see `factored.split_over_batch`)."""
+    or frozen layer's output split over the batch axes (see `mesh.split_over_batch`)."""
 
     @functools.wraps(fn)
     def traced_on_mesh(*args):

@@ -1,6 +1,7 @@
 """What is trained: an ordered list of `(regex, action)` rules over parameter paths.
 
-The first rule whose regex *fully* matches a leaf's path decides what happens to it:
+The first rule whose regex *fully* matches a leaf's path decides what happens to it (matched by
+`lorax_ft.rules`, like every rule table of this library):
 
 * `LoRA(rank, alpha, ...)`: the leaf (a kernel) stays frozen and gets trainable low-rank factors;
 * `Train()`: the leaf is updated fully (PEFT's `modules_to_save`, biases, norms, a new head);
@@ -20,14 +21,12 @@ same code as LoRA, with no adapters and nothing frozen. Per-rule rank/alpha over
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from lorax_ft import paths
-from lorax_ft.errors import UserError
+from lorax_ft.rules import RuleError, Rules
 
 PyTree = Any
 
@@ -35,7 +34,7 @@ LORA, TRAIN, FROZEN = "lora", "train", "frozen"
 Label = Literal["lora", "train", "frozen"]
 
 
-class SpecError(UserError, ValueError):
+class SpecError(RuleError):
     """A spec that does not fit the params it is applied to."""
 
 
@@ -70,6 +69,13 @@ class LoRA:
             raise SpecError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise SpecError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.alpha is not None and not (
+            isinstance(self.alpha, int | float) and 0 < self.alpha < math.inf
+        ):
+            # alpha 0 would train factors that never change the output; a negative one flips it.
+            raise SpecError(f"LoRA alpha must be a number > 0 (or None: rank), got {self.alpha!r}")
+        if self.in_axes is not None and (not isinstance(self.in_axes, int) or self.in_axes < 1):
+            raise SpecError(f"LoRA in_axes must be an integer >= 1, got {self.in_axes!r}")
 
     @property
     def scale(self) -> float:
@@ -99,7 +105,8 @@ class Spec:
     """Ordered `(regex, action)` rules; first full match wins, unmatched leaves are frozen.
 
     Attributes:
-      rules: the rules, in priority order.
+      rules: the rules, in priority order: `(regex, action)` pairs, or a `{regex: action}` dict
+        (its insertion order is the priority).
       strict: require every leaf to be matched by some rule (add `(".*", Freeze())` last to
         freeze the rest explicitly).
     """
@@ -108,17 +115,32 @@ class Spec:
     strict: bool = False
 
     def __post_init__(self):
-        rules = tuple((str(pattern), action) for pattern, action in self.rules)
+        rules = self.rules
+        if isinstance(rules, Mapping):  # {regex: action}, in insertion order
+            rules = rules.items()
+        if isinstance(rules, str | bytes) or not isinstance(rules, Iterable):
+            raise SpecError(
+                f"Spec takes (regex, action) rules or a {{regex: action}} dict, got {rules!r}"
+            )
+        rules = tuple(rules)
+        for rule in rules:
+            if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
+                raise SpecError(
+                    f"Spec rule {rule!r} is not a (regex, action) pair, e.g. "
+                    "('.*/kernel', LoRA(rank=8))"
+                )
+        rules = tuple((pattern, action) for pattern, action in rules)
         for pattern, action in rules:
             if not isinstance(action, LoRA | Train | Freeze):
                 raise SpecError(
                     f"rule {pattern!r}: action {action!r} is not one of LoRA(...), Train(), Freeze()"
                 )
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise SpecError(f"rule {pattern!r}: not a valid regex ({e})") from None
+        try:
+            table = Rules(rules)
+        except RuleError as e:
+            raise SpecError(str(e)) from None
         object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "_table", table)  # not a field: equality is by the rules
 
     def resolve(self, params: PyTree) -> dict[str, Action]:
         """`{path: action}` for every leaf, after validating the spec against `params`.
@@ -129,27 +151,17 @@ class Spec:
             `lora.init`, which knows how the kernel's axes split into inputs and outputs.)
         """
         flat = paths.flatten(params)
-        compiled = [(re.compile(p), p, a) for p, a in self.rules]
-        actions: dict[str, Action] = {}
-        for path in flat:
-            for regex, _, action in compiled:
-                if regex.fullmatch(path):
-                    actions[path] = action
-                    break
-            else:
-                if self.strict:
-                    raise SpecError(
-                        f"parameter {path!r} is matched by no rule and the spec is strict; "
-                        "add a rule for it, e.g. (r'.*', Freeze()) last"
-                    )
-                actions[path] = Freeze()
-        for regex, pattern, _ in compiled:
-            if not any(regex.fullmatch(p) for p in flat):
-                close = difflib.get_close_matches(pattern, flat, n=5, cutoff=0.0)
+        try:
+            actions: dict[str, Action | None] = self._table.match(flat)
+        except RuleError as e:
+            raise SpecError(str(e)) from None
+        for path, action in actions.items():
+            if action is None and self.strict:
                 raise SpecError(
-                    f"rule {pattern!r} matches no parameter (regexes must match the whole "
-                    f"'/'-joined path); closest paths: {close}"
+                    f"parameter {path!r} is matched by no rule and the spec is strict; "
+                    "add a rule for it, e.g. (r'.*', Freeze()) last"
                 )
+            actions[path] = Freeze() if action is None else action
         for path, action in actions.items():
             if isinstance(action, LoRA):
                 _check_lora_target(path, flat[path])

@@ -38,7 +38,10 @@ def test_merge_matches_explicit_arithmetic_and_unmerge_restores():
         "proj": {"kernel": jnp.asarray(rng.normal(size=(12, 3, 4)), jnp.float32)},
         "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)},
     }
-    layouts = {"proj/kernel": lf.KernelLayout(stack=0, inputs=1)}
+    layouts = {
+        "proj/kernel": lf.KernelLayout(stack=0, inputs=1),
+        "conv/kernel": lf.KernelLayout(stack=0, inputs=3),
+    }
     spec = lf.Spec([(".*kernel", lf.LoRA(rank=2, alpha=3))])
     adapters = lora.init(jax.random.key(0), params, spec, layouts)
     adapters = jax.tree.map(lambda x: x + jnp.asarray(rng.normal(size=x.shape), x.dtype), adapters)

@@ -19,8 +19,9 @@ from jax.sharding import PartitionSpec as P
 import lorax_ft as lf
 from lorax_ft import lora, optim, sharding
 from lorax_ft import mesh as mesh_lib
-from lorax_ft.factored import split_over_batch
+from lorax_ft.mesh import split_over_batch
 from lorax_ft.models import LlamaConfig, LlamaForCausalLM, logical_axes
+from lorax_ft.rules import RuleError
 from lorax_ft.sharded_step import init_train_state, make_sharded_train_step
 from tests import toy_models as tm
 from tests.tolerance import assert_close
@@ -223,6 +224,21 @@ def test_path_rules_and_lora_factors_of_multi_axis_kernels():
         {"params": params, "lora": adapters}, mesh, path_rules=path_rules
     )
     assert jax.tree.map(lambda s: s.spec, again) == jax.tree.map(lambda s: s.spec, shardings)
+
+
+def test_path_rule_matching_no_parameter_is_an_error():
+    mesh = mesh_lib.make_mesh(mesh_lib.fsdp_tensor(2))  # fsdp=4, tensor=2
+    params = {"dense": {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)}}
+    path_rules = [(r"dense/kernel", P("fsdp")), (r"lm_head/kernel", P(None, "tensor"))]
+    with pytest.raises(
+        RuleError,
+        match=r"^sharding.path_rules: rule 'lm_head/kernel' matches no parameter .*"
+        r"closest paths: \['dense/kernel'\]",
+    ):
+        sharding.param_specs(params, mesh, path_rules=path_rules)
+    # A table shared by several models may opt out of the check.
+    specs = sharding.param_specs(params, mesh, path_rules=path_rules, check_path_rules=False)
+    assert specs == {"dense": {"kernel": P("fsdp", None)}}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -115,3 +115,23 @@ def test_bad_regex_and_bad_action():
         lf.Spec([("(", lf.Train())])
     with pytest.raises(lf.SpecError, match="is not one of LoRA"):
         lf.Spec([(".*", "train")])
+
+
+def test_rules_as_a_dict_keep_their_order_and_malformed_rules_are_one_line_errors():
+    params = {"q": {"kernel": jnp.zeros((8, 8)), "bias": jnp.zeros(8)}}
+    spec = lf.Spec({r"q/kernel": lf.LoRA(rank=2), r".*": lf.Train()})
+    assert spec.labels(params) == {"q": {"bias": "train", "kernel": "frozen"}}
+    assert spec == lf.Spec([(r"q/kernel", lf.LoRA(rank=2)), (r".*", lf.Train())])
+    for bad, message in [
+        ("q/kernel", "rules or a"),
+        ([("q/kernel",)], "not a \\(regex, action\\) pair"),
+        ([(3, lf.Train())], "not a \\(regex, action\\) pair"),
+    ]:
+        with pytest.raises(lf.SpecError, match=message):
+            lf.Spec(bad)
+
+
+@pytest.mark.parametrize("alpha", [0, -2.0, float("nan"), float("inf"), "8"])
+def test_lora_alpha_must_be_a_positive_number(alpha):
+    with pytest.raises(lf.SpecError, match="alpha must be a number > 0"):
+        lf.LoRA(rank=4, alpha=alpha)

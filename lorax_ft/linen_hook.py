@@ -1,0 +1,107 @@
+"""Flax linen frontend of the factored path: an interceptor on the supported layers' own code.
+
+`apply` runs `module.apply` with an `nn.intercept_methods` interceptor. A call is recognised by
+the *function that runs* (`nn.Dense.__call__`, `nn.Embed.attend`, ... as listed in
+`layers.LINEN_IMPLEMENTATIONS`), not by the module's class, so a subclass that wraps
+`super().__call__(x)` gets its delta once, at the inner call, and one that computes something
+of its own is not recognised (the dependency check in `lorax_ft.factored` then sees the kernel
+read outside a supported call and merges it instead).
+
+The factors of a kernel travel in the params collection beside it (`FACTORS_KEY`), so
+`nn.scan`/`nn.vmap` layer stacks slice stacked factors exactly as they slice their kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from lorax_ft import layers, paths
+from lorax_ft.layer_calls import LayerCalls
+
+# A layer's scope holds one weight (`kernel` or `embedding`); its factors sit beside it under a
+# fixed key that contains neither name (nn.WeightNorm, for one, maps every param whose path
+# contains "kernel").
+FACTORS_KEY = "lora@factors"
+
+
+def _first_input(args, kwargs):
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _transformed(kernel, given) -> bool:
+    """Whether the kernel a layer reads was computed from the param rather than being it.
+
+    Within one trace a param is read as the very object that was passed in. Lifted transforms
+    that slice or re-trace (nn.scan, nn.vmap, nn.remat, nn.jit) hand their layers new tracers
+    of a deeper trace, as they do the factors beside the kernel; a value of the *same* trace
+    that is not the param itself was computed from it (nn.map_variables, nn.WeightNorm).
+    """
+    # Only asked in the discovery pass, where every param is a tracer; the apply pass follows
+    # its verdict (a transformed kernel is merged, so it has no factors there).
+    return kernel is not given and getattr(kernel, "_trace", None) is given._trace
+
+
+def _with_factors(tree, factors, prefix: str = ""):
+    """A copy of the params dicts with each adapted kernel's factors beside it."""
+    if not isinstance(tree, Mapping):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out[key] = _with_factors(value, factors, path + "/")
+        if path in factors:
+            out[FACTORS_KEY] = factors[path]
+    return out
+
+
+def apply(module: nn.Module, calls: LayerCalls, params, args, kwargs) -> Any:
+    """`module.apply` with the factors of `calls` beside their kernels and the interceptor on.
+
+    `kwargs` may hold `variables` (other collections, read-only) and `model_state` (collections
+    the call may update: then `(outputs, new_model_state)` is returned).
+    """
+    given = paths.flatten(params)
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        run = lambda: next_fun(*call_args, **call_kwargs)
+        known = layers.LINEN_IMPLEMENTATIONS.get(getattr(context.orig_method, "func", None))
+        mod = context.module
+        if known is None or mod.scope is None:
+            return run()
+        name = layers.kernel_name(mod)
+        # The scope's path, not the module's: under nn.share_scope they differ.
+        path = "/".join((*mod.scope.path, name))
+        if path not in calls.kernel_shapes or not mod.scope.has_variable("params", name):
+            return run()  # not one of the model's own params (e.g. during init)
+        x = _first_input(call_args, call_kwargs)
+        kernel = mod.scope.get_variable("params", name)
+        if calls.discovering and _transformed(kernel, given[path]):
+            return run()  # e.g. nn.map_variables, nn.WeightNorm: the layer sees another kernel
+        layer = layers.from_linen(mod, *known, x, kernel.shape)
+        if layer is None:
+            return run()
+        scope = mod.scope
+        has = scope.has_variable("params", FACTORS_KEY)
+        f = scope.get_variable("params", FACTORS_KEY) if has else None
+
+        def lookup(member: str):
+            # A group's members are siblings: read their (stack-sliced) factors via the parent.
+            member_module = member.split("/")[-2]
+            return scope.parent.variables()["params"][member_module][FACTORS_KEY]
+
+        return calls.layer_call(path, layer, x, f, run, lookup)
+
+    model_state = kwargs.pop("model_state", None)
+    variables = {**kwargs.pop("variables", {}), **(model_state or {})}
+    variables["params"] = _with_factors(params, calls.factors)
+    if model_state is not None:
+        kwargs["mutable"] = list(model_state)
+    with nn.intercept_methods(interceptor):
+        out = module.apply(variables, *args, **kwargs)
+    if model_state is not None:
+        out, updates = out
+        return out, {**model_state, **updates}
+    return out
