@@ -1,7 +1,8 @@
 """lorax_ft: fine-tuning for JAX/Flax models, fully or with LoRA, as pure pytree transforms."""
 
 from lorax_ft import lora, mesh, optim, partition, paths, sharded_step, sharding
-from lorax_ft.factored import factored, infer_layouts, nnx_params
+from lorax_ft.adapt import Adapted, adapt
+from lorax_ft.factored import factored, infer_layouts, model_state, nnx_params
 from lorax_ft.lora import Factors, KernelLayout
 from lorax_ft.partition import combine, split, variable_labels
 from lorax_ft.spec import FULL_FINETUNE, Freeze, LoRA, Spec, SpecError, Train
@@ -9,6 +10,7 @@ from lorax_ft.train_step import TrainState, init_state, make_train_step
 
 __all__ = [
     "FULL_FINETUNE",
+    "Adapted",
     "Factors",
     "Freeze",
     "KernelLayout",
@@ -17,6 +19,7 @@ __all__ = [
     "SpecError",
     "Train",
     "TrainState",
+    "adapt",
     "combine",
     "factored",
     "infer_layouts",
@@ -24,6 +27,7 @@ __all__ = [
     "lora",
     "make_train_step",
     "mesh",
+    "model_state",
     "nnx_params",
     "optim",
     "partition",

@@ -8,13 +8,19 @@ overrides of the `tiny` variants appended (a few steps of short sequences), so t
 stays within CI's time; they are otherwise unchanged. `make` lines are the two commands
 themselves and are not run here. ```console blocks (multi-host commands that need real hosts)
 are not run; tests/test_trainer.py runs two processes on 127.0.0.1 instead.
+
+Every ```python block runs too, in README order, in one namespace of a fresh interpreter started
+outside the repository; a `# -> text` comment line is output the code before it must print.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -122,3 +128,42 @@ def test_plan_runs_literally_from_the_repository_root(command):
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(result.stdout.strip().splitlines()[-1])
     assert plan["lora"]["devices"] == 16 and plan["full"]["devices"] == 16
+
+
+def readme_python_blocks() -> list[str]:
+    """The ```python blocks of README.md, in order."""
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+# Each block is compiled under its own name, so that a traceback says which block failed.
+_RUN_BLOCKS = """
+import json, sys
+namespace = {"__name__": "__main__"}
+for i, block in enumerate(json.load(open(sys.argv[1]))):
+    exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+"""
+
+
+def test_every_readme_python_block_runs_in_order(tmp_path):
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 3
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    (tmp_path / "run_blocks.py").write_text(_RUN_BLOCKS)
+    # os.environ carries tests/conftest.py's XLA flags (8 CPU devices) and compilation cache.
+    result = subprocess.run(
+        [sys.executable, "run_blocks.py", "blocks.json"],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [
+        line.removeprefix("# -> ")
+        for block in blocks
+        for line in block.splitlines()
+        if line.startswith("# -> ")
+    ]
+    printed = iter(result.stdout.splitlines())
+    assert expected and all(line in printed for line in expected), (expected, result.stdout)
