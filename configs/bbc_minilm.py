@@ -9,7 +9,7 @@ Both modes get the same budget (steps, batch, sequence length); only the spec an
 rate differ. The classifier head is new, so LoRA trains it fully.
 """
 
-from lorax_ft.config import default_config, parse_variant, shrink_to_tiny
+from lorax_ft.run.config import default_config, parse_variant, shrink_to_tiny
 
 
 def get_config(arg: str | None = None):

@@ -6,7 +6,7 @@ r"""SmolLM2-135M-Instruct, LoRA on the chatterbot-en question/answer pairs (Chat
 Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a short smoke run.
 """
 
-from lorax_ft.config import default_config, parse_variant, shrink_to_tiny
+from lorax_ft.run.config import default_config, parse_variant, shrink_to_tiny
 
 
 def get_config(arg: str | None = None):

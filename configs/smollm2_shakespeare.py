@@ -5,7 +5,7 @@ r"""SmolLM2-135M-Instruct, LoRA on Shakespeare's plays as packed plain text (cau
 Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a short smoke run.
 """
 
-from lorax_ft.config import default_config, parse_variant, shrink_to_tiny
+from lorax_ft.run.config import default_config, parse_variant, shrink_to_tiny
 
 
 def get_config(arg: str | None = None):

@@ -28,8 +28,9 @@ import ml_collections
 import optax
 
 import lorax_ft as lf
-from lorax_ft import lora, optim
 from lorax_ft.models import LlamaConfig, LlamaForCausalLM
+from lorax_ft.training import optim
+from lorax_ft.transform import lora
 
 LORA_TARGETS = r".*(q|k|v|o|gate|up|down)_proj/kernel"
 

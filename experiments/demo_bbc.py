@@ -18,7 +18,7 @@ from pathlib import Path
 from absl import logging
 
 from configs import bbc_minilm
-from lorax_ft.trainer import train_and_evaluate
+from lorax_ft.run.trainer import train_and_evaluate
 
 ROWS = [
     ("trainable params", lambda s: f"{s['trainable_params']:,}"),

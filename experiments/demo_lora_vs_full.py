@@ -21,8 +21,9 @@ import ml_collections
 import optax
 
 import lorax_ft as lf
-from lorax_ft import lora, optim
 from lorax_ft.models import LlamaConfig, LlamaForCausalLM
+from lorax_ft.training import optim
+from lorax_ft.transform import lora
 
 VOCAB, SEQ, BATCH = 64, 32, 32
 CONFIG = LlamaConfig(

@@ -1,12 +1,14 @@
 """lorax_ft: fine-tuning for JAX/Flax models, fully or with LoRA, as pure pytree transforms."""
 
-from lorax_ft import lora, mesh, optim, partition, paths, sharded_step, sharding
-from lorax_ft.adapt import Adapted, adapt
-from lorax_ft.factored import factored, infer_layouts, model_state, nnx_params
-from lorax_ft.lora import Factors, KernelLayout
-from lorax_ft.partition import combine, split, variable_labels
-from lorax_ft.spec import FULL_FINETUNE, Freeze, LoRA, Spec, SpecError, Train
-from lorax_ft.train_step import TrainState, init_state, make_train_step
+from lorax_ft.parallel import mesh, sharded_step, sharding
+from lorax_ft.training import optim
+from lorax_ft.training.train_step import TrainState, init_state, make_train_step
+from lorax_ft.transform import lora, partition, paths
+from lorax_ft.transform.adapt import Adapted, adapt
+from lorax_ft.transform.factored import factored, infer_layouts, model_state, nnx_params
+from lorax_ft.transform.lora import Factors, KernelLayout
+from lorax_ft.transform.partition import combine, split, variable_labels
+from lorax_ft.transform.spec import FULL_FINETUNE, Freeze, LoRA, Spec, SpecError, Train
 
 __all__ = [
     "FULL_FINETUNE",

@@ -3,7 +3,7 @@
 `installed(*args, cwd=...)` runs the console script that `pip install` put next to the test's
 Python (`.venv/bin/lorax-ft`), from any directory: what a user runs.
 
-`forked(*args, cwd=...)` runs the same `lorax_ft.main.run()` in a child of a fork server that has
+`forked(*args, cwd=...)` runs the same `lorax_ft.run.main.run()` in a child of a fork server that has
 imported JAX and lorax_ft once, so the many bad-input runs of the suite each cost the work they
 do, not a 3-second interpreter start. The child is a fresh process for absl's flags (nothing was
 parsed in the server), sees the same environment, and its exit code and stderr/stdout are
@@ -47,7 +47,7 @@ def _fork_context():
     global _context  # one fork server per test process, started on first use
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["jax", "lorax_ft.main", "lorax_ft.commands"])
+        _context.set_forkserver_preload(["jax", "lorax_ft.run.main", "lorax_ft.run.commands"])
     return _context
 
 
@@ -62,7 +62,7 @@ def _child(args, cwd, out_path, err_path):
     sys.argv = ["lorax-ft", *args]
     code = 0
     try:
-        from lorax_ft.main import run
+        from lorax_ft.run.main import run
 
         run()
     except SystemExit as e:

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import lorax_ft as lf
-from lorax_ft import lora
+from lorax_ft.transform import lora
 from tests import toy_models as tm
 from tests.tolerance import assert_close
 
@@ -234,5 +234,5 @@ def test_bad_inputs_are_one_line_errors():
 
 
 def test_docstring_example_runs():
-    result = doctest.testmod(sys.modules["lorax_ft.adapt"])
+    result = doctest.testmod(sys.modules["lorax_ft.transform.adapt"])
     assert result.attempted > 0 and result.failed == 0

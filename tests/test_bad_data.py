@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from lorax_ft import tasks
-from lorax_ft.config import default_config
 from lorax_ft.data import (
     default_data_config,
     label_ids,
@@ -30,6 +28,8 @@ from lorax_ft.data import (
 from lorax_ft.errors import UserError
 from lorax_ft.models import BertConfig, Gpt2Config, Gpt2LMHeadModel
 from lorax_ft.models.generate import Sampling, generate
+from lorax_ft.run import tasks
+from lorax_ft.run.config import default_config
 from tests.test_data_helpers import PAD, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,7 +379,7 @@ def test_cli_reports_a_bad_csv_as_one_line_and_exit_code_2(tmp_path):
     path.write_text("\n".join(rows) + "\n")
     result = subprocess.run(
         [
-            sys.executable, "-m", "lorax_ft.main", "train",
+            sys.executable, "-m", "lorax_ft.run.main", "train",
             "--config=configs/bbc_minilm.py:lora,tiny", f"--workdir={tmp_path / 'wd'}",
             "--config.data.kind=classification", "--config.data.name=",
             f"--config.data.path={path}",

@@ -7,8 +7,9 @@ import ml_collections
 import pytest
 
 import lorax_ft as lf
-from lorax_ft import lora, optim
-from lorax_ft.checkpointing import Checkpointer, CheckpointMismatchError, fingerprint
+from lorax_ft.run.checkpointing import Checkpointer, CheckpointMismatchError, fingerprint
+from lorax_ft.training import optim
+from lorax_ft.transform import lora
 from tests import toy_models as tm
 
 

@@ -6,9 +6,9 @@ import pytest
 
 import lorax_ft as lf
 from configs import bbc_minilm, smollm2_chatterbot, smollm2_shakespeare
-from lorax_ft import config as config_lib
-from lorax_ft import lora
-from lorax_ft.spec import FULL_FINETUNE, LoRA, Train
+from lorax_ft.run import config as config_lib
+from lorax_ft.transform import lora
+from lorax_ft.transform.spec import FULL_FINETUNE, LoRA, Train
 
 
 @pytest.mark.parametrize("module", [bbc_minilm, smollm2_chatterbot, smollm2_shakespeare])
@@ -77,8 +77,8 @@ def test_each_bad_config_names_its_key(edit, message):
 
 def test_multiplier_rules_are_config_data():
     """`optim.lr_mults` / `optim.wd_mults` set in a config file validate and reach the optimizer."""
-    from lorax_ft import optim
     from lorax_ft.models import BertConfig
+    from lorax_ft.training import optim
 
     config = bbc_minilm.get_config("lora")
     config.peft.targets = r".*/self/value/kernel"
@@ -116,7 +116,7 @@ def test_peft_spec_from_config():
 
 def test_schedule_length_follows_train_steps_unless_set():
     """`--config.train.steps=8` ends the decay at step 8; an explicit total_steps is kept."""
-    from lorax_ft import optim
+    from lorax_ft.training import optim
 
     config = bbc_minilm.get_config("lora")
     config.train.steps = 8

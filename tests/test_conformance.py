@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import lorax_ft as lf
-from lorax_ft import layers, lora
+from lorax_ft.transform import layers, lora
 from tests import conformance_models as cm
 from tests.tolerance import assert_close, magnitude
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from lorax_ft.errors import UserError
-from lorax_ft.export_target import MARKER, check_target, replace_directory
+from lorax_ft.run.export_target import MARKER, check_target, replace_directory
 from tests.test_trainer import TINY, lorax_ft, tiny_run  # noqa: F401 (a fixture)
 
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import lorax_ft as lf
-from lorax_ft import lora
+from lorax_ft.transform import lora
 from tests import toy_models as tm
 from tests.tolerance import assert_close
 

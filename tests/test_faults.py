@@ -21,12 +21,12 @@ import numpy as np
 import optax
 import pytest
 
-from lorax_ft import config as config_lib
-from lorax_ft import integrity
-from lorax_ft.checkpointing import Checkpointer, CheckpointMismatchError
 from lorax_ft.errors import UserError
-from lorax_ft.metrics import read_metrics
-from lorax_ft.train_step import TrainState
+from lorax_ft.run import config as config_lib
+from lorax_ft.run import integrity
+from lorax_ft.run.checkpointing import Checkpointer, CheckpointMismatchError
+from lorax_ft.run.metrics import read_metrics
+from lorax_ft.training.train_step import TrainState
 from tests.test_trainer import ROOT, TINY, _assert_same_state, _comparable, lorax_ft
 
 # keep=2 keeps steps 2 and 4; eval_every=2 logs the eval of step 2, the fallback's.
@@ -327,7 +327,7 @@ def _tensorboard_scalars(workdir) -> dict:
 def test_a_second_train_refuses_and_a_killed_run_keeps_its_tensorboard_events(tmp_path):
     workdir = tmp_path / "busy"
     command = [*RUN, f"--workdir={workdir}", "--config.train.steps=200"]
-    first = subprocess.Popen([sys.executable, "-m", "lorax_ft.main", *command], cwd=ROOT,
+    first = subprocess.Popen([sys.executable, "-m", "lorax_ft.run.main", *command], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         metrics, deadline = workdir / "metrics.jsonl", time.time() + 600

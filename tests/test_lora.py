@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lorax_ft as lf
-from lorax_ft import lora
+from lorax_ft.transform import lora
 from tests.tolerance import assert_close, magnitude
 
 

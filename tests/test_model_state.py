@@ -8,7 +8,7 @@ import optax
 from flax import nnx
 
 import lorax_ft as lf
-from lorax_ft import lora
+from lorax_ft.transform import lora
 from tests.tolerance import assert_close
 
 SPEC = lf.Spec([(".*kernel", lf.LoRA(rank=2))])

@@ -103,7 +103,7 @@ def test_bert_classifier_export_loads_in_transformers(tmp_path):
 def test_lora_merged_export_round_trip(tmp_path):
     """load → LoRA fine-tune state → merge → export → transformers logits == factored logits."""
     import lorax_ft as lf
-    from lorax_ft import lora
+    from lorax_ft.transform import lora
 
     cfg = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

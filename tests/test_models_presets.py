@@ -58,7 +58,7 @@ def test_smollm2_gguf_answers_a_question():
     module, params, cfg, tokenizer = load_pretrained("smollm2-135m-instruct", scan_layers=True)
     assert cfg.tie_word_embeddings and cfg.kv_heads == 3 and cfg.head_size == 64
     from configs import smollm2_chatterbot
-    from lorax_ft.trainer import generation_prompt
+    from lorax_ft.run.trainer import generation_prompt
 
     # The chat template as the trainer and `lorax-ft generate` apply it (ChatML for SmolLM2).
     data_config = smollm2_chatterbot.get_config().data

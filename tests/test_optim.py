@@ -7,8 +7,9 @@ import optax
 import pytest
 
 import lorax_ft as lf
-from lorax_ft import lora, optim
-from lorax_ft.rules import RuleError
+from lorax_ft.training import optim
+from lorax_ft.transform import lora
+from lorax_ft.transform.rules import RuleError
 from tests.tolerance import assert_close
 
 STEPS, WARMUP, LR, WD = 5, 2, 0.1, 0.01

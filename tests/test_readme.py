@@ -25,7 +25,7 @@ import sys
 import numpy as np
 import pytest
 
-from lorax_ft.metrics import read_metrics
+from lorax_ft.run.metrics import read_metrics
 from tests.cli import ROOT, installed
 from tests.tolerance import assert_close
 

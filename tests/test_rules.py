@@ -7,7 +7,7 @@ import pytest
 import lorax_ft as lf
 from lorax_ft.errors import UserError
 from lorax_ft.models.lora_targets import is_target
-from lorax_ft.rules import RuleError, Rules
+from lorax_ft.transform.rules import RuleError, Rules
 
 PATHS = [
     "encoder/layer_0/attention/query/kernel",

@@ -17,12 +17,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import lorax_ft as lf
-from lorax_ft import lora, optim, sharding
-from lorax_ft import mesh as mesh_lib
-from lorax_ft.mesh import split_over_batch
 from lorax_ft.models import LlamaConfig, LlamaForCausalLM, logical_axes
-from lorax_ft.rules import RuleError
-from lorax_ft.sharded_step import init_train_state, make_sharded_train_step
+from lorax_ft.parallel import mesh as mesh_lib
+from lorax_ft.parallel import sharding
+from lorax_ft.parallel.mesh import split_over_batch
+from lorax_ft.parallel.sharded_step import init_train_state, make_sharded_train_step
+from lorax_ft.training import optim
+from lorax_ft.transform import lora
+from lorax_ft.transform.rules import RuleError
 from tests import toy_models as tm
 from tests.tolerance import assert_close
 

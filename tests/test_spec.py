@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import lorax_ft as lf
-from lorax_ft import lora
+from lorax_ft.transform import lora
 
 PARAMS = {
     "layers_0": {

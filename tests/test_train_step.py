@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import lorax_ft as lf
-from lorax_ft import lora, optim
+from lorax_ft.training import optim
+from lorax_ft.transform import lora
 from tests import toy_models as tm
 from tests.tolerance import assert_close
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorax_ft.metrics import read_metrics
-from lorax_ft.trainer import TIMING_KEYS
+from lorax_ft.run.metrics import read_metrics
+from lorax_ft.run.trainer import TIMING_KEYS
 from tests.tolerance import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ TINY = "configs/bbc_minilm.py:lora,tiny"
 
 def lorax_ft(*args, check=True, **kwargs):
     """Runs `lorax-ft` as a user would, from the repository root."""
-    cmd = [sys.executable, "-m", "lorax_ft.main", *args]
+    cmd = [sys.executable, "-m", "lorax_ft.run.main", *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stderr[-4000:]}")
@@ -99,7 +99,7 @@ def _plain_eval(module, params, batches) -> dict:
 
 def _merged_by_hand(params, saved_lora, scale):
     """Base params + scale·A@B for every adapter of a saved state (kernels are inputs-first)."""
-    from lorax_ft import paths
+    from lorax_ft.transform import paths
 
     flat, factors = paths.flatten(params), paths.flatten(saved_lora)
     for path in {name.rsplit("/", 1)[0] for name in factors}:
@@ -118,8 +118,9 @@ def test_tiny_config_trains_end_to_end(tiny_run):
     import jax
 
     from configs import bbc_minilm
-    from lorax_ft import data, paths
-    from lorax_ft.experiment import build
+    from lorax_ft import data
+    from lorax_ft.run.experiment import build
+    from lorax_ft.transform import paths
 
     records = read_metrics(tiny_run / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
@@ -222,7 +223,7 @@ def test_killed_run_resumes_bitwise(tiny_run, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "lorax_ft.main",
+        "lorax_ft.run.main",
         "train",
         f"--config={TINY}",
         f"--workdir={killed}",
@@ -251,7 +252,7 @@ def test_sigterm_saves_exits_0_and_the_same_command_resumes(tiny_run, tmp_path):
     workdir = tmp_path / "preempted"
     command = ["train", f"--config={TINY}", f"--workdir={workdir}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorax_ft.main", *command],
+        [sys.executable, "-m", "lorax_ft.run.main", *command],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics, deadline = workdir / "metrics.jsonl", time.time() + 600
@@ -299,7 +300,7 @@ def test_two_processes_train_like_one_and_restore_on_another_mesh(tiny_run, tmp_
             "--num_processes=2", f"--process_id={index}",
         ]  # fmt: skip
         return subprocess.Popen(
-            [sys.executable, "-m", "lorax_ft.main", *command],
+            [sys.executable, "-m", "lorax_ft.run.main", *command],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
 

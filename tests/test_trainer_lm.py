@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from lorax_ft.metrics import read_metrics
 from lorax_ft.models.presets import preset_path
+from lorax_ft.run.metrics import read_metrics
 from tests.test_trainer import _last_json, lorax_ft
 
 

@@ -12,7 +12,7 @@ Config fields read by `make_pipeline` (defaults in `default_data_config()`):
   `prompt`/`completion` or `messages`. Classification: JSONL or CSV with `text_field` and
   `label_field`, or a folder with one subfolder per label (see `classification` for labels).
 - `max_length`: tokens per example, >= 1 and at most the model's positions (checked where
-  the model is known, `lorax_ft.tasks.build`).
+  the model is known, `lorax_ft.run.tasks.build`).
 - `eval_fraction`: fraction in (0, 1) held out for eval when splitting `path` or a named
   dataset.
 - `split_seed`: seed of that split, kept apart from the training seed.

@@ -15,7 +15,7 @@ Example:
 from typing import Any
 
 from lorax_ft.models.families import MODEL_TYPES, family_for_config
-from lorax_ft.rules import Rules
+from lorax_ft.transform.rules import Rules
 
 
 def _under(stack: str, body: str) -> str:

@@ -2,13 +2,13 @@
 
 A checkpoint holds the trainable variables, the optimizer state, the step, the rng, the data
 iterator's state, a fingerprint of the frozen base and the config keys the trainables depend
-on (`lorax_ft.resume`). The base is reloaded from its source on resume. Saves are atomic (orbax
+on (`lorax_ft.run.resume`). The base is reloaded from its source on resume. Saves are atomic (orbax
 writes to a temporary directory and renames it on commit), asynchronous, checksummed
-(`lorax_ft.integrity`), and only the newest `keep` are kept.
+(`lorax_ft.run.integrity`), and only the newest `keep` are kept.
 
 Restoring takes the newest checkpoint that is intact: a damaged one is named in a one-line
 warning and skipped (and, when training resumes, moved out of the way to `set_aside`); a
-checkpoint of another run is refused with one line naming what differs (`lorax_ft.resume`). A
+checkpoint of another run is refused with one line naming what differs (`lorax_ft.run.resume`). A
 full disk while saving is one line too, and leaves no partial checkpoint behind.
 
 >>> ckpt = Checkpointer(workdir / "checkpoints", keep=2)        # doctest: +SKIP
@@ -36,10 +36,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lorax_ft import integrity
 from lorax_ft.errors import UserError
-from lorax_ft.resume import CheckpointMismatchError, check_same_run, leaf_specs
-from lorax_ft.train_step import TrainState
+from lorax_ft.run import integrity
+from lorax_ft.run.resume import CheckpointMismatchError, check_same_run, leaf_specs
+from lorax_ft.training.train_step import TrainState
 
 __all__ = ["CheckpointMismatchError", "Checkpointer", "fingerprint"]  # the error lives in resume
 
@@ -146,7 +146,7 @@ class Checkpointer:
     ) -> tuple[TrainState, dict]:
         """(state, data_state) from the newest intact checkpoint.
 
-        A damaged checkpoint (see `lorax_ft.integrity`; or one orbax cannot read) is skipped with
+        A damaged checkpoint (see `lorax_ft.run.integrity`; or one orbax cannot read) is skipped with
         a one-line warning naming it and what is wrong.
 
         Args:

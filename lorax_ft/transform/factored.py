@@ -14,8 +14,8 @@ hand-tied `embedding.T`, a subclass computing its own output, a layer with a cus
 naming them, or refused with `unsupported="error"`. Adapters whose shapes do not fit their
 kernel or layer are refused with the path.
 
-* Flax linen (`nn.Module`): `lorax_ft.linen_hook`.
-* Flax NNX (`nnx.Module`): `lorax_ft.nnx_hook`.
+* Flax linen (`nn.Module`): `lorax_ft.transform.linen_hook`.
+* Flax NNX (`nnx.Module`): `lorax_ft.transform.nnx_hook`.
 * Any other function `fn(params, *inputs)`: the adapters are merged into the kernels first
   (exact, slower), with a warning.
 
@@ -24,7 +24,7 @@ dense layers define a custom VJP (reverse mode), which makes the backward pass f
 
 >>> import flax.linen as nn, jax, jax.numpy as jnp
 >>> from lorax_ft import lora
->>> from lorax_ft.spec import LoRA, Spec
+>>> from lorax_ft.transform.spec import LoRA, Spec
 >>> model = nn.Dense(8)
 >>> x = jnp.ones((2, 4))
 >>> params = model.init(jax.random.key(0), x)["params"]
@@ -45,9 +45,9 @@ import jax
 from flax import nnx
 from jax._src.interpreters import partial_eval as pe
 
-from lorax_ft import linen_hook, lora, nnx_hook, paths
-from lorax_ft.layer_calls import AdapterError, LayerCalls
-from lorax_ft.lora import Factors, KernelLayout
+from lorax_ft.transform import linen_hook, lora, nnx_hook, paths
+from lorax_ft.transform.layer_calls import AdapterError, LayerCalls
+from lorax_ft.transform.lora import Factors, KernelLayout
 
 PyTree = Any
 Unsupported = Literal["merge", "error"]
@@ -76,7 +76,7 @@ def factored(
       unsupported: what to do with an adapted kernel that something other than a supported
         layer call reads: "merge" (compute it as W + s·A·B, with a warning) or "error".
       constrain: applied to every adapted layer's output; the sharded steps pass a sharding
-        constraint (`lorax_ft.mesh.split_over_batch`).
+        constraint (`lorax_ft.parallel.mesh.split_over_batch`).
 
     Returns:
       The adapted model. `lora_rng` enables LoRA dropout for adapters that have it. An empty

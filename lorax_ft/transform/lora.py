@@ -10,7 +10,7 @@ The adapters pytree mirrors params but holds only the adapted kernels, each as a
 node; the base params are never copied or changed.
 
 >>> import jax, jax.numpy as jnp
->>> from lorax_ft.spec import LoRA, Spec
+>>> from lorax_ft.transform.spec import LoRA, Spec
 >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
 >>> adapters = init(jax.random.key(0), params, Spec([(".*/kernel", LoRA(rank=4))]))
 >>> adapters["dense"]["kernel"].a.shape, adapters["dense"]["kernel"].b.shape
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lorax_ft import paths
-from lorax_ft.spec import LoRA, Spec, SpecError
+from lorax_ft.transform import paths
+from lorax_ft.transform.spec import LoRA, Spec, SpecError
 
 PyTree = Any
 
@@ -112,7 +112,7 @@ def init(
       rng: a JAX PRNG key; each kernel's factors use `fold_in(rng, index)` in path order.
       params: the base params pytree (only shapes are read; it is not changed).
       spec: the rules; leaves with a `LoRA` action are adapted.
-      layouts: per-path `KernelLayout`, usually from `lorax_ft.factored.infer_layouts`; needed
+      layouts: per-path `KernelLayout`, usually from `lorax_ft.transform.factored.infer_layouts`; needed
         for stacked (scanned) kernels and multi-axis kernels (an attention projection of shape
         (d, heads, head_dim)): such a target without a layout is refused rather than guessed.
         2-D kernels without a layout are (inputs, outputs); a rule's `LoRA(in_axes=...)`

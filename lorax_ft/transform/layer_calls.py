@@ -1,12 +1,12 @@
 """One forward pass of an adapted model: what happens at each recognised layer call.
 
-The frontends (`lorax_ft.linen_hook`, `lorax_ft.nnx_hook`) recognise the calls of supported
+The frontends (`lorax_ft.transform.linen_hook`, `lorax_ft.transform.nnx_hook`) recognise the calls of supported
 layers and hand each one to a `LayerCalls`, which either
 
 * *discovers* (a shape-only trace before the real one): records the call (its path, layer kind,
   layout and input) and returns a stand-in output that does not depend on the kernel, so that
   a dependency analysis of the traced model can tell whether a kernel is also read anywhere
-  else (see `lorax_ft.factored`); or
+  else (see `lorax_ft.transform.factored`); or
 * *applies*: returns the layer's own output plus the adapter's delta, scale·(x·A)·B, where
   adapted layers that read the same input share one x·[A1 A2 ...] matmul.
 
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from lorax_ft.errors import UserError
-from lorax_ft.layers import Layer
-from lorax_ft.lora import Factors, KernelLayout
+from lorax_ft.transform.layers import Layer
+from lorax_ft.transform.lora import Factors, KernelLayout
 
 
 class AdapterError(UserError, ValueError):

@@ -18,13 +18,14 @@ from typing import Any
 
 import ml_collections
 
-from lorax_ft import mesh as mesh_lib
-from lorax_ft import optim, sharding
 from lorax_ft.data import CHAT_FORMATS, default_data_config
 from lorax_ft.errors import UserError
 from lorax_ft.models.layers import REMAT_POLICIES
 from lorax_ft.models.lora_targets import lora_targets
-from lorax_ft.spec import FULL_FINETUNE, LoRA, Spec, Train
+from lorax_ft.parallel import mesh as mesh_lib
+from lorax_ft.parallel import sharding
+from lorax_ft.training import optim
+from lorax_ft.transform.spec import FULL_FINETUNE, LoRA, Spec, Train
 
 ConfigDict = ml_collections.ConfigDict
 

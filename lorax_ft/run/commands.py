@@ -10,12 +10,12 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from lorax_ft import lora
-from lorax_ft.checkpointing import Checkpointer
-from lorax_ft.completions import generate_texts, merged_params
 from lorax_ft.errors import UserError
-from lorax_ft.export_target import check_target, replace_directory
-from lorax_ft.resume import resume_config
+from lorax_ft.run.checkpointing import Checkpointer
+from lorax_ft.run.completions import generate_texts, merged_params
+from lorax_ft.run.export_target import check_target, replace_directory
+from lorax_ft.run.resume import resume_config
+from lorax_ft.transform import lora
 
 USER_ERRORS = (UserError, FileNotFoundError, ValueError)
 
@@ -27,7 +27,7 @@ def restore(config, workdir):
     shardings of this one. A damaged newest checkpoint is skipped with a warning (the next
     intact one is used, and no checkpoint is moved); no lock is taken.
     """
-    from lorax_ft.experiment import build
+    from lorax_ft.run.experiment import build
 
     experiment = build(config)
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
@@ -43,7 +43,7 @@ def restore(config, workdir):
 
 
 def evaluate_checkpoint(config, workdir) -> dict:
-    from lorax_ft.trainer import evaluate
+    from lorax_ft.run.trainer import evaluate
 
     experiment = restore(config, workdir)
     state = experiment.state
@@ -51,7 +51,7 @@ def evaluate_checkpoint(config, workdir) -> dict:
 
 
 def generate(config, workdir, prompts) -> dict:
-    from lorax_ft.trainer import generation_prompt
+    from lorax_ft.run.trainer import generation_prompt
 
     if config.model.task != "causal_lm":
         raise ValueError(f"generate needs model.task='causal_lm', not {config.model.task!r}")

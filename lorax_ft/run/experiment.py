@@ -23,15 +23,19 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lorax_ft import config as config_lib
-from lorax_ft import data, lora, optim, sharded_step, sharding, tasks
-from lorax_ft import mesh as mesh_lib
-from lorax_ft.checkpointing import fingerprint
-from lorax_ft.factored import factored, infer_layouts
+from lorax_ft import data
 from lorax_ft.models import abstract_params, logical_axes
-from lorax_ft.partition import variable_labels
-from lorax_ft.spec import Spec
-from lorax_ft.train_step import TrainState
+from lorax_ft.parallel import mesh as mesh_lib
+from lorax_ft.parallel import sharded_step, sharding
+from lorax_ft.run import config as config_lib
+from lorax_ft.run import tasks
+from lorax_ft.run.checkpointing import fingerprint
+from lorax_ft.training import optim
+from lorax_ft.training.train_step import TrainState
+from lorax_ft.transform import lora
+from lorax_ft.transform.factored import factored, infer_layouts
+from lorax_ft.transform.partition import variable_labels
+from lorax_ft.transform.spec import Spec
 
 PyTree = Any
 

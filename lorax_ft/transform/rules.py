@@ -1,7 +1,7 @@
 """One rule mechanism: ordered `(regex, value)` rules over `/`-joined parameter paths.
 
 The first rule whose regex *fully* matches a path decides that path's value. What is trained
-(`lorax_ft.spec.Spec`), where parameters live (`sharding.param_specs`' path rules) and the
+(`lorax_ft.transform.spec.Spec`), where parameters live (`sharding.param_specs`' path rules) and the
 optimizer's learning-rate and weight-decay multipliers (`optim.lr_mults`, `optim.wd_mults`) are
 all tables of such rules, resolved here, so they share one meaning and one error: a rule that
 matches no path raises `RuleError` naming the rule and the closest paths, because a misspelt rule

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lorax_ft import lora, optim, partition, train_step
-from lorax_ft.factored import factored, infer_layouts, nnx_params
-from lorax_ft.factored import model_state as _model_state
-from lorax_ft.lora import KernelLayout
-from lorax_ft.spec import FROZEN, Spec
+from lorax_ft.training import optim, train_step
+from lorax_ft.transform import lora, partition
+from lorax_ft.transform.factored import factored, infer_layouts, nnx_params
+from lorax_ft.transform.factored import model_state as _model_state
+from lorax_ft.transform.lora import KernelLayout
+from lorax_ft.transform.spec import FROZEN, Spec
 
 PyTree = Any
 

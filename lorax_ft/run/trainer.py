@@ -26,15 +26,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from lorax_ft import config as config_lib
-from lorax_ft import data, lora, workdir_lock
-from lorax_ft.checkpointing import Checkpointer
-from lorax_ft.completions import generate_texts, merged_params
+from lorax_ft import data
 from lorax_ft.errors import UserError
-from lorax_ft.experiment import Experiment, build
-from lorax_ft.metrics import MetricsWriter, plot_curves, read_metrics
-from lorax_ft.resume import resume_config
-from lorax_ft.train_step import TrainState
+from lorax_ft.run import config as config_lib
+from lorax_ft.run import workdir_lock
+from lorax_ft.run.checkpointing import Checkpointer
+from lorax_ft.run.completions import generate_texts, merged_params
+from lorax_ft.run.experiment import Experiment, build
+from lorax_ft.run.metrics import MetricsWriter, plot_curves, read_metrics
+from lorax_ft.run.resume import resume_config
+from lorax_ft.training.train_step import TrainState
+from lorax_ft.transform import lora
 
 TIMING_KEYS = ("step_time_s", "tokens_per_s", "examples_per_s")
 """Logged metrics that measure the machine, not the run: they differ between identical runs."""

@@ -1,6 +1,6 @@
 """Where parameters live: rules from parameter names to `NamedSharding`s on a mesh.
 
-The mesh (`lorax_ft.mesh`) has three axes: `data` (batch only), `fsdp` (batch, and parameters
+The mesh (`lorax_ft.parallel.mesh`) has three axes: `data` (batch only), `fsdp` (batch, and parameters
 split ZeRO-3 style) and `tensor` (parameters split Megatron style, the feature axes of each
 layer). Placement is config data, two kinds of ordered rules:
 
@@ -9,7 +9,7 @@ layer). Placement is config data, two kinds of ordered rules:
   rule for its name whose mesh axes are not yet used by that parameter and divide its size wins;
   a `None` rule, no rule, or no rule that fits leaves the axis replicated.
 * *path rules* `(regex, PartitionSpec)` over `/`-joined parameter paths, for models without
-  annotations; the first full match wins and overrides the logical rules (`lorax_ft.rules`: a
+  annotations; the first full match wins and overrides the logical rules (`lorax_ft.transform.rules`: a
   rule that matches no parameter is an error). A spec axis that does not divide its dimension
   falls back to replicated.
 
@@ -17,7 +17,7 @@ Mesh axes of size 1 are dropped from the specs, so a spec says what is really sp
 are placed from their kernel: A (*stack, in, r) keeps the stacked and input axes' sharding, B
 (*stack, r, out) the stacked and output axes'; the rank axis is replicated.
 
->>> mesh = lorax_ft.mesh.make_mesh(lorax_ft.mesh.fsdp_tensor(tensor=2))   # doctest: +SKIP
+>>> mesh = lorax_ft.parallel.mesh.make_mesh(lorax_ft.parallel.mesh.fsdp_tensor(tensor=2))   # doctest: +SKIP
 >>> shardings = variable_shardings(
 ...     {"params": params, "lora": adapters}, mesh, logical_axes=logical_axes(module))  # doctest: +SKIP
 """
@@ -32,9 +32,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lorax_ft import lora, paths
-from lorax_ft.lora import Factors, KernelLayout
-from lorax_ft.rules import Rules
+from lorax_ft.transform import lora, paths
+from lorax_ft.transform.lora import Factors, KernelLayout
+from lorax_ft.transform.rules import Rules
 
 PyTree = Any
 MeshAxes = str | tuple[str, ...] | None

@@ -6,7 +6,7 @@ gets a class whose method resolution order puts a hook *between* the user's clas
 supported one: `FactoredX(UserSubclass, Hooked[nnx.Linear])`. A subclass that wraps
 `super().__call__(x)` therefore reaches the hook once, at the inner call, where the delta
 belongs; a subclass whose `__call__` computes something of its own never reaches it (the
-dependency check in `lorax_ft.factored` then merges that kernel instead).
+dependency check in `lorax_ft.transform.factored` then merges that kernel instead).
 
 The factors are placed on the layer as `nnx.Param` variables (`lorax_a`, `lorax_b`), so NNX
 transforms slice them as they slice the kernel: blocks created with `nnx.vmap` and run with
@@ -23,9 +23,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from lorax_ft import layers
-from lorax_ft.layer_calls import LayerCalls
-from lorax_ft.lora import Factors
+from lorax_ft.transform import layers
+from lorax_ft.transform.layer_calls import LayerCalls
+from lorax_ft.transform.lora import Factors
 
 _CALLS: contextvars.ContextVar[LayerCalls | None] = contextvars.ContextVar(
     "lorax_ft_layer_calls", default=None

@@ -23,9 +23,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lorax_ft.config_file import load_config_file
 from lorax_ft.errors import UserError
-from lorax_ft.export_target import check_creatable
+from lorax_ft.run.config_file import load_config_file
+from lorax_ft.run.export_target import check_creatable
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat for a batch).")
@@ -69,23 +69,23 @@ def main(argv) -> None:
 
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", _SIMULATE_DEVICES.value)
-    from lorax_ft import commands  # heavy imports only after the flags are known to be fine
+    from lorax_ft.run import commands  # heavy imports only after the flags are known to be fine
 
     config, workdir = flags.FLAGS.config, _WORKDIR.value
     try:
         if command != "plan":
             check_workdir(workdir, writing=command == "train")
         if command in MULTI_HOST_COMMANDS:
-            from lorax_ft import distributed
+            from lorax_ft.parallel import distributed
 
             distributed.initialize(*multi_host)
         if command == "plan":
-            from lorax_ft.plan import format_plan, plan
+            from lorax_ft.parallel.plan import format_plan, plan
 
             summary = plan(config)
             print(format_plan(summary))
         elif command == "train":
-            from lorax_ft.trainer import train_and_evaluate
+            from lorax_ft.run.trainer import train_and_evaluate
 
             summary = train_and_evaluate(config, workdir)
         elif command == "eval":
@@ -134,7 +134,7 @@ def _config_flag_value(argv: list[str]) -> tuple[str | None, list[str]]:
 def _parse_flags(argv):
     """absl's flag parsing, with every bad flag, config file or override reported as one line.
 
-    The config file is loaded here (`lorax_ft.config_file`), so that it may import helpers next
+    The config file is loaded here (`lorax_ft.run.config_file`), so that it may import helpers next
     to it from any directory; ml_collections then applies the `--config.KEY=VALUE` overrides.
     """
     value, argv = _config_flag_value(list(argv))

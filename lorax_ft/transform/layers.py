@@ -2,7 +2,7 @@
 
 A `Layer` describes one call of a Flax layer (linen or NNX) well enough to compute the adapter's
 contribution from its input without ever forming W + scale · A @ B. The frontends in
-`lorax_ft.factored` recognise the layers (`from_linen`, `from_nnx`) and add the delta to the
+`lorax_ft.transform.factored` recognise the layers (`from_linen`, `from_nnx`) and add the delta to the
 layer's own output.
 
 Dense-like layers ("dense" kind) compute `down` as one matmul over the flattened input axes, so
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax_ft.lora import Factors, KernelLayout
+from lorax_ft.transform.lora import Factors, KernelLayout
 
 
 @dataclasses.dataclass(frozen=True)

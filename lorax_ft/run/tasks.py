@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorax_ft.config import ConfigError
 from lorax_ft.models import BertForSequenceClassification, abstract_params, load_pretrained
 from lorax_ft.models.generate import max_positions
+from lorax_ft.run.config import ConfigError
 
 PyTree = Any
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

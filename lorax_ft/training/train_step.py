@@ -1,7 +1,7 @@
 """The train step: one pure `(state, batch) -> (state, metrics)` for LoRA and full fine-tuning.
 
 The state holds the frozen variables and the trainable ones separately (see
-`lorax_ft.partition`); gradients are taken only with respect to the trainable part, so frozen
+`lorax_ft.transform.partition`); gradients are taken only with respect to the trainable part, so frozen
 kernels never get a gradient, let alone optimizer state. Full fine-tuning is the same step with
 nothing frozen and no adapters.
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from lorax_ft import partition
+from lorax_ft.transform import partition
 
 PyTree = Any
 # loss_fn(model, batch, rng) -> (scalar loss, dict of scalar metrics); `model(*inputs, **kw)`
@@ -38,7 +38,7 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array
     # What the model updates as it runs besides its params (BatchNorm statistics, ...), as
-    # `lorax_ft.factored.model_state` gives it; {} for most models. Not differentiated.
+    # `lorax_ft.transform.factored.model_state` gives it; {} for most models. Not differentiated.
     model_state: PyTree = struct.field(default_factory=dict)
 
     @property
@@ -57,7 +57,7 @@ def init_state(
     """A step-0 state; the optimizer state covers the trainable leaves only.
 
     `model_state` (e.g. `{"batch_stats": ...}` of a linen BatchNorm model) is carried and
-    updated by the step: the model is then run with `model_state=` (see `lorax_ft.factored`).
+    updated by the step: the model is then run with `model_state=` (see `lorax_ft.transform.factored`).
     """
     frozen, trainable = partition.split(variables, labels)
     return TrainState(
@@ -82,10 +82,10 @@ def make_train_step(
     """Builds the step for `apply_fn(params, adapters, *inputs, lora_rng=..., **kw)`.
 
     Args:
-      apply_fn: the adapted model, usually `lorax_ft.factored(model)`.
+      apply_fn: the adapted model, usually `lorax_ft.transform.factored(model)`.
       loss_fn: `(model, batch, rng) -> (loss, metrics)`; `model` is `apply_fn` bound to the
         step's variables, `rng` is this step's key (for the model's own dropout).
-      tx: the optimizer, e.g. `lorax_ft.optim.make_optimizer(config, labels)`.
+      tx: the optimizer, e.g. `lorax_ft.training.optim.make_optimizer(config, labels)`.
       schedule: when given, the learning rate is reported as `metrics["lr"]`.
       grad_accum: split the batch into this many strided micro-batches along its leading axis
         and average their gradients (a `lax.scan`, so memory is that of one micro-batch).

@@ -1,9 +1,9 @@
 """Sharded training: the train state's shardings, its initialisation in place, and the jitted step.
 
 The state is never built on one device: `init_train_state` traces the initialisation with
-`jax.eval_shape`, derives every leaf's sharding from the variables' (`lorax_ft.sharding`), and
+`jax.eval_shape`, derives every leaf's sharding from the variables' (`lorax_ft.parallel.sharding`), and
 runs it under `jax.jit(..., out_shardings=...)`, so each device computes only its own shards.
-The step is `lorax_ft.train_step.make_train_step`, the one LoRA and full fine-tuning share,
+The step is `lorax_ft.training.train_step.make_train_step`, the one LoRA and full fine-tuning share,
 jitted with those shardings, the batch split over (`data`, `fsdp`), and the state donated.
 
 >>> mesh = make_mesh(fsdp())                                                   # doctest: +SKIP
@@ -27,9 +27,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lorax_ft import partition
-from lorax_ft.mesh import BATCH_AXES
-from lorax_ft.train_step import LossFn, TrainState, init_state, make_train_step
+from lorax_ft.parallel.mesh import BATCH_AXES
+from lorax_ft.training.train_step import LossFn, TrainState, init_state, make_train_step
+from lorax_ft.transform import partition
 
 PyTree = Any
 
@@ -66,7 +66,7 @@ def state_shardings(
     Args:
       state: the state, concrete or abstract.
       tx: the optimizer that made `state.opt_state`.
-      variable_shardings: `lorax_ft.sharding.variable_shardings(...)` of the state's variables.
+      variable_shardings: `lorax_ft.parallel.sharding.variable_shardings(...)` of the state's variables.
       mesh: the mesh (for the replicated leaves).
     """
     whole = replicated(mesh)
@@ -184,7 +184,7 @@ def init_train_state(
 
 
 def _on_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """`fn` traced with `mesh` as the current mesh: `lorax_ft.factored` then keeps every adapted
+    """`fn` traced with `mesh` as the current mesh: `lorax_ft.transform.factored` then keeps every adapted
     or frozen layer's output split over the batch axes (see `mesh.split_over_batch`)."""
 
     @functools.wraps(fn)

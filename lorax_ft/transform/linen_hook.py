@@ -4,7 +4,7 @@
 the *function that runs* (`nn.Dense.__call__`, `nn.Embed.attend`, ... as listed in
 `layers.LINEN_IMPLEMENTATIONS`), not by the module's class, so a subclass that wraps
 `super().__call__(x)` gets its delta once, at the inner call, and one that computes something
-of its own is not recognised (the dependency check in `lorax_ft.factored` then sees the kernel
+of its own is not recognised (the dependency check in `lorax_ft.transform.factored` then sees the kernel
 read outside a supported call and merges it instead).
 
 The factors of a kernel travel in the params collection beside it (`FACTORS_KEY`), so
@@ -18,8 +18,8 @@ from typing import Any
 
 import flax.linen as nn
 
-from lorax_ft import layers, paths
-from lorax_ft.layer_calls import LayerCalls
+from lorax_ft.transform import layers, paths
+from lorax_ft.transform.layer_calls import LayerCalls
 
 # A layer's scope holds one weight (`kernel` or `embedding`); its factors sit beside it under a
 # fixed key that contains neither name (nn.WeightNorm, for one, maps every param whose path

@@ -7,7 +7,7 @@ leaf, so the frozen tree never enters `jax.grad` and the optimizer never sees it
 them back together. Nothing is copied.
 
 >>> import jax.numpy as jnp
->>> from lorax_ft.spec import FULL_FINETUNE
+>>> from lorax_ft.transform.spec import FULL_FINETUNE
 >>> variables = {"params": {"w": jnp.ones(3)}, "lora": {}}
 >>> labels = variable_labels(variables["params"], variables["lora"], FULL_FINETUNE)
 >>> frozen, trainable = split(variables, labels)
@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from lorax_ft.spec import FROZEN, LORA, Spec
+from lorax_ft.transform.spec import FROZEN, LORA, Spec
 
 PyTree = Any
 

@@ -63,7 +63,7 @@ def load_config_file(value: str) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigFileError(
             f"{shown}: get_config({arg!r}) returned {type(config).__name__}; it must return an "
-            "ml_collections.ConfigDict (start from lorax_ft.config.default_config())"
+            "ml_collections.ConfigDict (start from lorax_ft.run.config.default_config())"
         )
     return config
 

@@ -21,8 +21,8 @@ from typing import Any
 import jax
 
 from lorax_ft import data
-from lorax_ft.experiment import Experiment, build
-from lorax_ft.sharded_step import batch_sharding
+from lorax_ft.parallel.sharded_step import batch_sharding
+from lorax_ft.run.experiment import Experiment, build
 
 MODES = ("lora", "full")
 

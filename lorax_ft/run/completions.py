@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from lorax_ft import lora
+from lorax_ft.transform import lora
 
 
 @jax.jit
@@ -27,7 +27,7 @@ def generate_texts(task, params, prompts, max_new_tokens) -> list[str]:
     """Greedy continuations of `prompts` (plain text) with the task's tokenizer.
 
     Args:
-      task: a causal-LM `lorax_ft.tasks.Task` (its module, tokenizer and model config).
+      task: a causal-LM `lorax_ft.run.tasks.Task` (its module, tokenizer and model config).
       params: the params to decode with, e.g. `merged_params(state.variables)`.
       prompts: plain-text prompts, one continuation each.
       max_new_tokens: tokens generated per prompt at most (fewer at an end-of-sequence token).

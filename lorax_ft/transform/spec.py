@@ -1,7 +1,7 @@
 """What is trained: an ordered list of `(regex, action)` rules over parameter paths.
 
 The first rule whose regex *fully* matches a leaf's path decides what happens to it (matched by
-`lorax_ft.rules`, like every rule table of this library):
+`lorax_ft.transform.rules`, like every rule table of this library):
 
 * `LoRA(rank, alpha, ...)`: the leaf (a kernel) stays frozen and gets trainable low-rank factors;
 * `Train()`: the leaf is updated fully (PEFT's `modules_to_save`, biases, norms, a new head);
@@ -25,8 +25,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from lorax_ft import paths
-from lorax_ft.rules import RuleError, Rules
+from lorax_ft.transform import paths
+from lorax_ft.transform.rules import RuleError, Rules
 
 PyTree = Any
 

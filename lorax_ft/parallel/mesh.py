@@ -97,7 +97,7 @@ def split_over_batch(y: jax.Array) -> jax.Array:
 
     A no-op unless traced under a mesh (`jax.sharding.use_abstract_mesh`, as the sharded steps
     do) with `data`/`fsdp` axes that divide it; the other dimensions are left to XLA. The
-    sharded steps pass it to `lorax_ft.factored(model, constrain=...)` for every layer output.
+    sharded steps pass it to `lorax_ft.transform.factored(model, constrain=...)` for every layer output.
     """
     mesh = jax.sharding.get_abstract_mesh()
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)

@@ -5,7 +5,7 @@ trainable variables (or on all of them): global-norm clipping, then `optax.parti
 of leaves, where frozen leaves get `optax.set_to_zero()` and therefore no optimizer state.
 
 Trainable leaves are grouped by label and by their learning-rate and weight-decay multipliers,
-big_vision's `lr_mults` and `wd_mults`: ordered `(regex, multiplier)` rules (`lorax_ft.rules`)
+big_vision's `lr_mults` and `wd_mults`: ordered `(regex, multiplier)` rules (`lorax_ft.transform.rules`)
 over the variables' `/`-joined paths, such as `params/encoder/layer_0/attention/self/query/kernel`
 or `lora/encoder/layer_0/attention/self/query/kernel/a`. Each group gets its own optimizer with
 the schedule scaled by its learning-rate multiplier and decay `weight_decay × its multiplier`.
@@ -30,10 +30,10 @@ import jax
 import ml_collections
 import optax
 
-from lorax_ft import paths
-from lorax_ft.lora import Factors
-from lorax_ft.rules import Rules
-from lorax_ft.spec import FROZEN, LORA, TRAIN
+from lorax_ft.transform import paths
+from lorax_ft.transform.lora import Factors
+from lorax_ft.transform.rules import Rules
+from lorax_ft.transform.spec import FROZEN, LORA, TRAIN
 
 PyTree = Any
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion")
