@@ -41,15 +41,6 @@ def _mlp():
     return model, model.init(jax.random.key(0), x), {"x": x, "y": y}
 
 
-def _nonzero(adapters, seed=7):
-    leaves, treedef = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
-    )
-
-
 def _mse(model, batch, rng):
     del rng
     return jnp.mean((model(batch["x"]) - batch["y"]) ** 2), {}
@@ -81,7 +72,7 @@ def test_linen_adapters_layouts_and_forward_match_the_lower_level_api():
     )
 
     # With B far from zero, the adapted model is the base model on W + s·A·B.
-    adapted = dataclasses.replace(adapted, adapters=_nonzero(adapted.adapters))
+    adapted = dataclasses.replace(adapted, adapters=tm.nonzero(adapted.adapters))
     merged = lora.merge(params, adapted.adapters)
     expected_out = model.apply({"params": merged}, batch["x"])
     assert_close(adapted(batch["x"]), expected_out, tol=1e-5)
@@ -98,7 +89,7 @@ def test_nnx_model():
     expected = lora.init(jax.random.key(1), params, spec, lf.infer_layouts(model, params, ids))
     jax.tree.map(lambda a, e: assert_close(a, e, tol=0), adapted.adapters, expected)
 
-    adapted = dataclasses.replace(adapted, adapters=_nonzero(adapted.adapters))
+    adapted = dataclasses.replace(adapted, adapters=tm.nonzero(adapted.adapters))
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     merged = lora.merge(adapted.params, adapted.adapters)
     assert_close(adapted(ids), nnx.merge(graphdef, merged, rest)(ids), tol=1e-5)

@@ -15,16 +15,6 @@ from tests.tolerance import assert_close
 ALL_KERNELS = lf.Spec([(r".*(kernel|embedding)", lf.LoRA(rank=4, alpha=8))])
 
 
-def _nonzero(adapters, seed=7):
-    """Adapters with B (and A) perturbed, so that the delta is far from zero."""
-    leaves, treedef = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
-    )
-
-
 def _merged_by_hand(params, adapters):
     """W + s·A@B for every adapted kernel, in numpy, independently of `lora.merge`."""
     flat = lf.paths.flatten(params)
@@ -38,7 +28,7 @@ def _merged_by_hand(params, adapters):
 def _check_linen(model, x, spec=ALL_KERNELS, expected_paths=None):
     params = model.init(jax.random.key(0), x)["params"]
     layouts = lf.infer_layouts(model, params, x)
-    adapters = _nonzero(lora.init(jax.random.key(1), params, spec, layouts))
+    adapters = tm.nonzero(lora.init(jax.random.key(1), params, spec, layouts))
     if expected_paths is not None:
         assert set(lora.factors_by_path(adapters)) == set(expected_paths)
 
@@ -92,7 +82,7 @@ def test_nnx_model_factored_equals_merged():
     params = lf.nnx_params(model)
     layouts = lf.infer_layouts(model, params, ids)
     assert layouts["q/kernel"] == lora.KernelLayout(stack=0, inputs=1, kernel_shape=(32, 4, 8))
-    adapters = _nonzero(lora.init(jax.random.key(1), params, ALL_KERNELS, layouts))
+    adapters = tm.nonzero(lora.init(jax.random.key(1), params, ALL_KERNELS, layouts))
     assert lora.factors_by_path(adapters)["q/kernel"].b.shape == (4, tm.HEADS * tm.HEAD_DIM)
 
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
@@ -127,7 +117,7 @@ def test_unsupported_layer_falls_back_to_merged_with_warning():
     model = Custom()
     params = model.init(jax.random.key(0), x)["params"]
     spec = lf.Spec([(r"w|head/kernel", lf.LoRA(rank=2))])
-    adapters = _nonzero(lora.init(jax.random.key(1), params, spec))
+    adapters = tm.nonzero(lora.init(jax.random.key(1), params, spec))
     with pytest.warns(UserWarning, match=r"merged .* for w: .*read outside a supported layer"):
         out = lf.factored(model)(params, adapters, x)
     by_hand = model.apply({"params": lf.paths.unflatten(_merged_by_hand(params, adapters))}, x)
@@ -152,7 +142,7 @@ def test_lora_dropout_changes_training_outputs_only_with_rng():
     model = nn.Dense(8)
     params = model.init(jax.random.key(0), x)["params"]
     spec = lf.Spec([("kernel", lf.LoRA(rank=4, dropout=0.5))])
-    adapters = _nonzero(lora.init(jax.random.key(1), params, spec))
+    adapters = tm.nonzero(lora.init(jax.random.key(1), params, spec))
     fn = lf.factored(model)
     deterministic = fn(params, adapters, x)
     dropped = fn(params, adapters, x, lora_rng=jax.random.key(2))
@@ -177,7 +167,7 @@ def test_model_zoo_llama_scanned_with_remat_and_tied_embedding(remat):
     )
     params = nn.unbox(module.init(jax.random.key(0), ids))["params"]
     layouts = lf.infer_layouts(module, params, ids)
-    adapters = _nonzero(lora.init(jax.random.key(1), params, spec, layouts))
+    adapters = tm.nonzero(lora.init(jax.random.key(1), params, spec, layouts))
     assert lora.factors_by_path(adapters)["model/layers/self_attn/k_proj/kernel"].a.shape == (
         2, 32, 4,
     )  # fmt: skip
@@ -200,7 +190,7 @@ def test_only_siblings_share_a_down_projection():
     x = jax.random.normal(jax.random.key(0), (3, 8))
     model = Model()
     params = model.init(jax.random.key(0), x)["params"]
-    adapters = _nonzero(lora.init(jax.random.key(1), params, lf.Spec([(".*kernel", lf.LoRA(2))])))
+    adapters = tm.nonzero(lora.init(jax.random.key(1), params, lf.Spec([(".*kernel", lf.LoRA(2))])))
     out = jax.jit(lf.factored(model))(params, adapters, x)
     by_hand = model.apply({"params": lf.paths.unflatten(_merged_by_hand(params, adapters))}, x)
     assert_close(out, by_hand, tol=1e-5)

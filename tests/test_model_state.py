@@ -9,6 +9,7 @@ from flax import nnx
 
 import lorax_ft as lf
 from lorax_ft.transform import lora
+from tests import toy_models as tm
 from tests.tolerance import assert_close
 
 SPEC = lf.Spec([(".*kernel", lf.LoRA(rank=2))])
@@ -41,10 +42,6 @@ def _xent(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def _nonzero(adapters):
-    return jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(9), a.shape), adapters)
-
-
 def test_linen_batchnorm_statistics_are_carried_and_updated_by_the_step():
     model = LinenBatchNormNet()
     x0 = jnp.ones((8, 6))
@@ -52,7 +49,7 @@ def test_linen_batchnorm_statistics_are_carried_and_updated_by_the_step():
     params, model_state = variables["params"], lf.model_state(model, variables)
     assert set(model_state) == {"batch_stats"}
     layouts = lf.infer_layouts(model, params, x0, train=False, model_state=model_state)
-    adapters = _nonzero(lora.init(jax.random.key(1), params, SPEC, layouts))
+    adapters = tm.nonzero(lora.init(jax.random.key(1), params, SPEC, layouts))
     labels = lf.variable_labels(params, adapters, SPEC)
     tx = optax.adam(1e-2)
 

@@ -109,3 +109,14 @@ class NnxModel(nnx.Module):
         for block in self.blocks:
             x = x + nnx.gelu(block(x))
         return self.embed.attend(x)
+
+
+def nonzero(adapters, seed=7):
+    """Adapters with B (and A) perturbed, so that the delta is far from zero and a test on it
+    can fail (PEFT's initialisation makes B zero)."""
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
+    )

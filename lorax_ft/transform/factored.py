@@ -46,7 +46,7 @@ from flax import nnx
 from jax._src.interpreters import partial_eval as pe
 
 from lorax_ft.transform import linen_hook, lora, nnx_hook, paths
-from lorax_ft.transform.layer_calls import AdapterError, LayerCalls
+from lorax_ft.transform.layer_calls import AdapterError, LayerCalls, identity
 from lorax_ft.transform.lora import Factors, KernelLayout
 
 PyTree = Any
@@ -57,15 +57,11 @@ class UnsupportedLayerError(AdapterError):
     """An adapted kernel read outside a supported layer call, with `unsupported="error"`."""
 
 
-def _identity(y):
-    return y
-
-
 def factored(
     model: nn.Module | nnx.Module | Callable,
     *,
     unsupported: Unsupported = "merge",
-    constrain: Callable[[jax.Array], jax.Array] = _identity,
+    constrain: Callable[[jax.Array], jax.Array] = identity,
 ) -> Callable:
     """Wraps a model into `fn(params, adapters, *inputs, lora_rng=None, **kwargs)`.
 
@@ -84,14 +80,10 @@ def factored(
       `model_state=` (a dict of collections for linen, `nnx_hook.model_state_of(model)` for
       NNX) runs with that mutable state and returns `(outputs, new_model_state)`.
     """
-    if isinstance(model, nn.Module):
-        run_model = functools.partial(linen_hook.apply, model)
-    elif isinstance(model, nnx.Module):
-        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-        run_model = functools.partial(nnx_hook.apply, graphdef, rest)
-    elif callable(model):
+    run_model = _runner(model)
+    if run_model is None and callable(model):
         return functools.partial(_merged_apply, model)
-    else:
+    if run_model is None:
         raise TypeError(f"factored() takes a linen or NNX module or a function, got {model!r}")
     if unsupported not in ("merge", "error"):
         raise ValueError(f"unsupported={unsupported!r}; valid: 'merge', 'error'")
@@ -136,18 +128,24 @@ def infer_layouts(
     >>> layouts = infer_layouts(model, params, x)          # doctest: +SKIP
     >>> adapters = lora.init(rng, params, spec, layouts)   # doctest: +SKIP
     """
-    if isinstance(model, nn.Module):
-        run_model = functools.partial(linen_hook.apply, model)
-    elif isinstance(model, nnx.Module):
-        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-        run_model = functools.partial(nnx_hook.apply, graphdef, rest)
-    else:
+    run_model = _runner(model)
+    if run_model is None:
         raise TypeError(
             f"infer_layouts() reads the layers of a linen or NNX module, got {model!r}; for a "
             "plain function, give each LoRA rule its input axes, LoRA(rank, in_axes=...), or "
             "build {path: lf.KernelLayout(stack, inputs)} by hand"
         )
     return _discover(run_model, params, {}, args, kwargs)[0].layouts()
+
+
+def _runner(model) -> Callable | None:
+    """`run(calls, params, args, kwargs)` for a linen or NNX module; None for anything else."""
+    if isinstance(model, nn.Module):
+        return functools.partial(linen_hook.apply, model)
+    if isinstance(model, nnx.Module):
+        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+        return functools.partial(nnx_hook.apply, graphdef, rest)
+    return None
 
 
 def nnx_params(model: nnx.Module) -> PyTree:

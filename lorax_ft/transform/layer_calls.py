@@ -43,8 +43,13 @@ class Call:
     group_key: tuple | None
 
 
-def _identity(y):
+def identity(y):
     return y
+
+
+def first_input(args, kwargs):
+    """A layer call's input: its first positional argument, else its first keyword argument."""
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 class LayerCalls:
@@ -64,7 +69,7 @@ class LayerCalls:
         kernel_shapes: Mapping[str, tuple[int, ...]],
         groups: Mapping[str, tuple] | None,
         rng: jax.Array | None = None,
-        constrain: Callable[[jax.Array], jax.Array] = _identity,
+        constrain: Callable[[jax.Array], jax.Array] = identity,
     ):
         self.factors = factors
         self.kernel_shapes = kernel_shapes
@@ -171,6 +176,3 @@ class LayerCalls:
     def layouts(self) -> dict[str, KernelLayout]:
         """`{path: KernelLayout}` of every recognised layer's kernel."""
         return {c.path: c.layout for c in self.calls}
-
-    def recognised(self) -> set[str]:
-        return {c.path for c in self.calls}

@@ -19,16 +19,12 @@ from typing import Any
 import flax.linen as nn
 
 from lorax_ft.transform import layers, paths
-from lorax_ft.transform.layer_calls import LayerCalls
+from lorax_ft.transform.layer_calls import LayerCalls, first_input
 
 # A layer's scope holds one weight (`kernel` or `embedding`); its factors sit beside it under a
 # fixed key that contains neither name (nn.WeightNorm, for one, maps every param whose path
 # contains "kernel").
 FACTORS_KEY = "lora@factors"
-
-
-def _first_input(args, kwargs):
-    return args[0] if args else next(iter(kwargs.values()))
 
 
 def _transformed(kernel, given) -> bool:
@@ -76,7 +72,7 @@ def apply(module: nn.Module, calls: LayerCalls, params, args, kwargs) -> Any:
         path = "/".join((*mod.scope.path, name))
         if path not in calls.kernel_shapes or not mod.scope.has_variable("params", name):
             return run()  # not one of the model's own params (e.g. during init)
-        x = _first_input(call_args, call_kwargs)
+        x = first_input(call_args, call_kwargs)
         kernel = mod.scope.get_variable("params", name)
         if calls.discovering and _transformed(kernel, given[path]):
             return run()  # e.g. nn.map_variables, nn.WeightNorm: the layer sees another kernel

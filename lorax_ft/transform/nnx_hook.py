@@ -24,7 +24,7 @@ import jax
 from flax import nnx
 
 from lorax_ft.transform import layers
-from lorax_ft.transform.layer_calls import LayerCalls
+from lorax_ft.transform.layer_calls import LayerCalls, first_input
 from lorax_ft.transform.lora import Factors
 
 _CALLS: contextvars.ContextVar[LayerCalls | None] = contextvars.ContextVar(
@@ -34,10 +34,6 @@ _CALLS: contextvars.ContextVar[LayerCalls | None] = contextvars.ContextVar(
 
 class LoRAFactor(nnx.Param):
     """An adapter factor placed on a layer for one call (a Param, so layer stacks slice it)."""
-
-
-def _first_input(args, kwargs):
-    return args[0] if args else next(iter(kwargs.values()))
 
 
 @functools.cache
@@ -53,7 +49,7 @@ def _hooked(known: type) -> type:
             run = lambda: base(self, *args, **kwargs)
             if calls is None or path is None:
                 return run()
-            x = _first_input(args, kwargs)
+            x = first_input(args, kwargs)
             layer = layers.from_nnx(self, known, method_name, x)
             if layer is None:
                 return run()
