@@ -157,7 +157,8 @@ def _layout(path: str, shape, layout: KernelLayout | None, action: LoRA) -> Kern
             raise SpecError(
                 f"LoRA target {path!r} has shape {shape}: which axes are stacked layers, inputs "
                 "and outputs depends on its layer; pass layouts=lf.infer_layouts(model, params, "
-                "x) to lora.init, or give the rule LoRA(rank, in_axes=...)"
+                "x) to lora.init, or give the rule LoRA(rank, in_axes=...) (the way for a layer "
+                "lorax_ft does not compute factored, such as ConvTranspose: it is then merged)"
             )
         layout = KernelLayout.default(path, shape)
     if action.in_axes is not None:
