@@ -473,6 +473,14 @@ class PrunedModel(nn.Module):
         return nn.Dense(OUT, name="head")(nn.tanh(h))
 
 
+class RematPrunedModel(nn.Module):
+    """The pruned block inside nn.remat: the mask is applied inside a lifted transform."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.remat(PrunedModel)(name="block")(x)
+
+
 def _fake_quant_dot_general(lhs, rhs, dimension_numbers, precision=None, **kw):
     """Fake-quantised matmul: the kernel rounded to bfloat16 (as AQT-style training does)."""
     rhs = rhs.astype(jnp.bfloat16).astype(lhs.dtype)
@@ -747,6 +755,8 @@ CASES = [
          may_refuse=("proj/kernel",)),
     Case("linen_map_variables_pruned", lambda: _linen(PrunedModel(), _x(3, D)),
          may_refuse=("pruned/kernel",)),
+    Case("linen_map_variables_inside_remat", lambda: _linen(RematPrunedModel(), _x(3, D)),
+         may_refuse=("block/pruned/kernel",)),
     Case("linen_fake_quant_dot_general", lambda: _linen(FakeQuantModel(), _x(3, D)),
          may_refuse=("quant/kernel",)),
     # NNX.

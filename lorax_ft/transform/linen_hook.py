@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+from jax._src.interpreters import batching
+from jax._src.interpreters import partial_eval as pe
 
 from lorax_ft.transform import layers, paths
 from lorax_ft.transform.layer_calls import LayerCalls, first_input
@@ -30,14 +32,17 @@ FACTORS_KEY = "lora@factors"
 def _transformed(kernel, given) -> bool:
     """Whether the kernel a layer reads was computed from the param rather than being it.
 
-    Within one trace a param is read as the very object that was passed in. Lifted transforms
-    that slice or re-trace (nn.scan, nn.vmap, nn.remat, nn.jit) hand their layers new tracers
-    of a deeper trace, as they do the factors beside the kernel; a value of the *same* trace
-    that is not the param itself was computed from it (nn.map_variables, nn.WeightNorm).
+    Asked in the discovery pass only, where everything is traced (the apply pass follows its
+    verdict: a transformed kernel is merged, so it has no factors there). Lifted transforms
+    that slice or re-trace (nn.scan, nn.remat, nn.jit) hand their layers *inputs* of an inner
+    trace, and nn.vmap a batched view of one; a kernel that an equation of its trace computed
+    (nn.map_variables, nn.WeightNorm, at any depth) is not the param its factors adapt.
     """
-    # Only asked in the discovery pass, where every param is a tracer; the apply pass follows
-    # its verdict (a transformed kernel is merged, so it has no factors there).
-    return kernel is not given and getattr(kernel, "_trace", None) is given._trace
+    while isinstance(kernel, batching.BatchTracer):
+        kernel = kernel.val
+    if kernel is given or not isinstance(kernel, pe.DynamicJaxprTracer):
+        return False
+    return kernel.parent is not None  # None: an input (or constant) of its trace
 
 
 def _with_factors(tree, factors, prefix: str = ""):
