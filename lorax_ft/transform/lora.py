@@ -37,12 +37,16 @@ PyTree = Any
 
 @struct.dataclass
 class Factors:
-    """The trainable factors of one adapted kernel; `scale` and `dropout` are static."""
+    """The trainable factors of one adapted kernel; `scale` and `dropout` are static.
+
+    `magnitude` is DoRA's learned magnitude per output feature (None for plain LoRA).
+    """
 
     a: jax.Array  # (*stack, in_features, rank)
     b: jax.Array  # (*stack, rank, out_features)
     scale: float = struct.field(pytree_node=False, default=1.0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    magnitude: jax.Array | None = None  # DoRA: (*stack, out_features)
 
     @property
     def rank(self) -> int:
