@@ -1,4 +1,4 @@
-"""Benchmark: one train step of a Llama-style decoder, full fine-tuning versus LoRA.
+"""Benchmark: one train step of a Llama-style decoder, full fine-tuning versus LoRA and DoRA.
 
     python -m experiments.bench_step [--rounds 7] [--small]
 
@@ -8,6 +8,8 @@ noisy, so ratios of medians are the figures to trust):
 * full: full fine-tuning (every weight trained, AdamW);
 * lora: LoRA r=8, alpha=16 on q,k,v,o,gate,up,down, computed factored;
 * lora_merged: the same adapters through the merged path (W + s·A·B materialised);
+* dora: DoRA on the same targets with the same rank and alpha, computed factored (its column
+  norms from ‖W‖² and Wᵀ·A, never W + s·A·B);
 * floor: forward plus backward to the embedding output with every weight frozen and no
   optimizer: no LoRA step can be cheaper.
 
@@ -105,12 +107,14 @@ def main(argv=None):
     params = nn.unbox(module.init(jax.random.key(0), batch[:, :-1]))["params"]
     layouts = lf.infer_layouts(module, params, batch[:, :-1])
     lora_spec = lf.Spec([(LORA_TARGETS, lf.LoRA(rank=8, alpha=16))])
+    dora_spec = lf.Spec([(LORA_TARGETS, lf.LoRA(rank=8, alpha=16, dora=True))])
     merged_apply = lf.factored(lambda p, x: module.apply({"params": p}, x))
 
     modes = {
         "full": build(module, params, lf.FULL_FINETUNE, lf.factored(module), layouts),
         "lora": build(module, params, lora_spec, lf.factored(module), layouts),
         "lora_merged": build(module, params, lora_spec, merged_apply, layouts),
+        "dora": build(module, params, dora_spec, lf.factored(module), layouts),
     }
     floor = floor_step(module)
     report = {}
@@ -150,7 +154,7 @@ def main(argv=None):
     total = lora.count(params)
     trainable = lora.count(states["lora"].trainable)
     print(f"{'mode':<12} {'median s':>9} {'GFLOP':>9} {'state MB':>9} {'temp MB':>9}")
-    for name in ("full", "lora", "lora_merged", "floor"):
+    for name in ("full", "lora", "lora_merged", "dora", "floor"):
         r = report[name]
         print(
             f"{name:<12} {medians[name]:9.4f} {r['flops'] / 1e9:9.2f} "
@@ -164,6 +168,11 @@ def main(argv=None):
         "floor_step_s": medians["floor"],
         "lora_over_full": medians["lora"] / medians["full"],
         "lora_over_floor": medians["lora"] / medians["floor"],
+        "dora_step_s": medians["dora"],
+        "dora_over_lora": medians["dora"] / medians["lora"],
+        "dora_flops": report["dora"]["flops"],
+        "dora_flops_over_lora": report["dora"]["flops"] / report["lora"]["flops"],
+        "dora_temp_bytes": report["dora"]["temp_bytes"],
         "full_flops": report["full"]["flops"],
         "lora_flops": report["lora"]["flops"],
         "lora_merged_flops": report["lora_merged"]["flops"],

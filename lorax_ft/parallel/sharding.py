@@ -15,7 +15,8 @@ layer). Placement is config data, two kinds of ordered rules:
 
 Mesh axes of size 1 are dropped from the specs, so a spec says what is really split. LoRA factors
 are placed from their kernel: A (*stack, in, r) keeps the stacked and input axes' sharding, B
-(*stack, r, out) the stacked and output axes'; the rank axis is replicated.
+(*stack, r, out) the stacked and output axes'; the rank axis is replicated. A DoRA magnitude
+(*stack, out) is placed like B's stacked and output axes.
 
 >>> mesh = lorax_ft.parallel.mesh.make_mesh(lorax_ft.parallel.mesh.fsdp_tensor(tensor=2))   # doctest: +SKIP
 >>> shardings = variable_shardings(
@@ -225,7 +226,8 @@ def lora_shardings(
       layouts: from `lorax_ft.infer_layouts`; optional, the factors' shapes tell the same.
 
     Returns:
-      The adapters' structure with `Factors(a=NamedSharding, b=NamedSharding)` nodes.
+      The adapters' structure with `Factors(a=NamedSharding, b=NamedSharding)` nodes (and
+      `magnitude=NamedSharding` for DoRA, B's stacked and output axes).
     """
     layouts = layouts or {}
     flat_params, flat_shardings = paths.flatten(params), paths.flatten(shardings)
@@ -238,6 +240,9 @@ def lora_shardings(
         placed[path] = factors.replace(
             a=NamedSharding(sharding.mesh, a_spec), b=NamedSharding(sharding.mesh, b_spec)
         )
+        if factors.magnitude is not None:
+            m_spec = P(*b_spec[:-2], b_spec[-1])
+            placed[path] = placed[path].replace(magnitude=NamedSharding(sharding.mesh, m_spec))
     return paths.unflatten(placed)
 
 

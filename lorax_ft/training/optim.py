@@ -9,9 +9,11 @@ big_vision's `lr_mults` and `wd_mults`: ordered `(regex, multiplier)` rules (`lo
 over the variables' `/`-joined paths, such as `params/encoder/layer_0/attention/self/query/kernel`
 or `lora/encoder/layer_0/attention/self/query/kernel/a`. Each group gets its own optimizer with
 the schedule scaled by its learning-rate multiplier and decay `weight_decay × its multiplier`.
-Leaves no `wd_mults` rule matches keep the default: decay on matrices, never on biases and norm
-scales (1-D leaves, or leaves named `bias`/`scale`). LoRA+ (PEFT's `loraplus_lr_ratio`)
-multiplies the learning rate of the B factors, the `b` field of every `Factors` node.
+Leaves no `wd_mults` rule matches keep the default: decay on matrices, never on biases, norm
+scales and DoRA magnitudes (1-D leaves, or leaves named `bias`/`scale`/`magnitude`, which a
+layer stack makes 2-D). LoRA+ (PEFT's `loraplus_lr_ratio`) multiplies the learning rate of the
+B factors, the `b` field of every `Factors` node, and of DoRA's magnitudes, as PEFT's
+`create_loraplus_optimizer` does (it puts every 1-D trainable parameter in B's group).
 `make_optimizer(tx, labels)` takes a ready optax transformation for the trainable leaves instead.
 
 >>> import ml_collections
@@ -38,9 +40,9 @@ from lorax_ft.transform.spec import FROZEN, LORA, TRAIN
 PyTree = Any
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion")
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
-_NO_DECAY_NAMES = ("bias", "scale")
+_NO_DECAY_NAMES = ("bias", "scale", "magnitude")
 LORA_B = "lora_b"
-"""The group of LoRA B factors, apart for LoRA+."""
+"""The group of LoRA B factors (and DoRA magnitudes), apart for LoRA+."""
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -155,9 +157,18 @@ def leaf_groups(optim_config: ml_collections.ConfigDict, labels: PyTree) -> dict
 
 
 def _with_b_factors(labels: PyTree) -> PyTree:
-    """The labels with each LoRA B factor (the `b` field of a `Factors` node) labelled `lora_b`."""
+    """The labels with each LoRA B factor and DoRA magnitude of a `Factors` node as `lora_b`."""
     is_factors = lambda x: isinstance(x, Factors)
-    relabel = lambda x: x.replace(b=LORA_B) if is_factors(x) and x.b == LORA else x
+
+    def relabel(x):
+        if not is_factors(x):
+            return x
+        if x.b == LORA:
+            x = x.replace(b=LORA_B)
+        if x.magnitude == LORA:
+            x = x.replace(magnitude=LORA_B)
+        return x
+
     return jax.tree.map(relabel, labels, is_leaf=is_factors)
 
 

@@ -19,6 +19,11 @@ kernel or layer are refused with the path.
 * Any other function `fn(params, *inputs)`: the adapters are merged into the kernels first
   (exact, slower), with a warning.
 
+DoRA adapters (`LoRA(dora=True)`) are computed factored at dense layers too: the layer's output
+is rescaled per output feature by m/‖W + s·A·B‖, that norm computed from W's column norms and
+Wᵀ·A (`lora.dora_norm`), never from W + s·A·B. Where a DoRA kernel is computed merged, the merge
+holds the norm constant as well, so outputs and gradients are those of the factored path.
+
 Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) through the factored path is not supported: its
 dense layers define a custom VJP (reverse mode), which makes the backward pass faster.
 
@@ -187,6 +192,11 @@ def check_adapters(shapes: dict[str, tuple[int, ...]], factors: dict[str, Factor
             raise AdapterError(
                 f"adapter {path!r}: A {a} and B {b} do not fit its kernel of shape {shape} "
                 "(adapters from another model, or made without this model's layouts?)"
+            )
+        if f.dora and tuple(f.magnitude.shape) != (*stack, b[-1]):
+            raise AdapterError(
+                f"DoRA adapter {path!r}: magnitude {tuple(f.magnitude.shape)} does not fit B "
+                f"{b}; it holds one value per output feature: {(*stack, b[-1])}"
             )
 
 

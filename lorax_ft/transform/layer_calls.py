@@ -8,7 +8,12 @@ layers and hand each one to a `LayerCalls`, which either
   a dependency analysis of the traced model can tell whether a kernel is also read anywhere
   else (see `lorax_ft.transform.factored`); or
 * *applies*: returns the layer's own output plus the adapter's delta, scale·(x·A)·B, where
-  adapted layers that read the same input share one x·[A1 A2 ...] matmul.
+  adapted layers that read the same input share one x·[A1 A2 ...] matmul. A DoRA adapter
+  rescales the sum per output feature (`Layer.dora`); it shares x·A like the others, since
+  only its post-processing differs.
+
+DoRA's norm ‖W + s·A·B‖ reads the kernel in the apply pass only: the discovery stand-in does
+not, so a kernel read nowhere else is still found to be read only by its layer.
 
 A `LayerCalls` lives for a single call of the wrapped model and holds no state between calls.
 """
@@ -89,6 +94,7 @@ class LayerCalls:
         factors: Factors | None,
         compute: Callable[[], jax.Array],
         lookup: Callable[[str], Factors] | None,
+        weights: Callable[[], tuple[jax.Array, jax.Array | None]] | None = None,
     ) -> jax.Array:
         """The output of one recognised layer call (`compute()` runs the layer itself).
 
@@ -101,6 +107,7 @@ class LayerCalls:
           lookup: `lookup(path)` gives another adapted layer's factors as this layer sees them,
             for sharing one down-projection among layers reading the same input; None: never
             shared.
+          weights: `(kernel, bias or None)` as the layer reads them, for DoRA's norm and bias.
         """
         y = compute()
         if self.discovering:
@@ -113,7 +120,10 @@ class LayerCalls:
         y = self.constrain(y)
         if factors is None:
             return y
-        return self.constrain(y + self._delta(path, layer, x, factors, lookup).astype(y.dtype))
+        delta = self._delta(path, layer, x, factors, lookup)
+        if factors.dora:
+            return self.constrain(layer.dora(y, delta, *weights(), factors))
+        return self.constrain(y + delta.astype(y.dtype))
 
     def _record(self, path, layer: Layer, x, factors: Factors | None, lookup) -> None:
         stack = len(self.kernel_shapes[path]) - len(layer.kernel_shape)
@@ -125,6 +135,12 @@ class LayerCalls:
                 f"not fit its layer, which uses the kernel {layer.kernel_shape} as {fan_in} in × "
                 f"{fan_out} out features; make the adapters with lora.init(rng, params, spec, "
                 "layouts=lf.infer_layouts(model, params, *inputs))"
+            )
+        if factors is not None and factors.dora and layer.kind != "dense":
+            raise AdapterError(
+                f"DoRA adapter {path!r}: its layer is a {layer.kind!r} layer, and DoRA is "
+                "computed at dense layers only (Dense/DenseGeneral, nnx.Linear/LinearGeneral); "
+                "give this kernel a rule without dora"
             )
         key = None
         if factors is not None and lookup is not None:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lorax_ft.transform import lora
 from lorax_ft.transform.lora import Factors, KernelLayout
 
 
@@ -64,7 +65,8 @@ class Layer:
         """Whether `factors` were made for this kernel's split into inputs and outputs."""
         fan_in, fan_out = self.features
         r = factors.rank
-        return factors.a.shape == (fan_in, r) and factors.b.shape == (r, fan_out)
+        fits = factors.a.shape == (fan_in, r) and factors.b.shape == (r, fan_out)
+        return fits and (not factors.dora or factors.magnitude.shape == (fan_out,))
 
     def group_key(self, factors: Factors) -> tuple | None:
         """Adapters with equal keys reading the same input can share one x·[A1 A2 ...] matmul."""
@@ -117,6 +119,27 @@ class Layer:
             )
             return jnp.einsum(f"{keep}{r},{r}{k_out}->{out}", xa, b, precision=self.precision)
         raise ValueError(f"unknown layer kind {self.kind!r}")
+
+    def dora(self, y, delta, kernel, bias, factors: Factors) -> jax.Array:
+        """A DoRA layer's output from the base layer's output `y` and the LoRA `delta`.
+
+        PEFT's `DoraLinearLayer.forward`, with n = ‖W + s·A·B‖ per output feature computed
+        factored and held constant: y + (m/n − 1)·(y − bias) + (m/n)·delta, i.e. the layer
+        with kernel m·(W + s·A·B)/n. Dense kind only (`LayerCalls` refuses the others).
+
+        Args:
+          y: the layer's own output, bias included.
+          delta: s·x·A·B shaped like `y`.
+          kernel: the kernel as the layer reads it (stacked axes sliced off).
+          bias: the bias the layer added, or None.
+          factors: the DoRA adapter (its `magnitude` set).
+        """
+        ratio = factors.magnitude.astype(jnp.float32) / lora.dora_norm(kernel, factors)
+        ratio = ratio.reshape(self.out_dims)
+        base = y.astype(jnp.float32)
+        if bias is not None:
+            base = base - bias.astype(jnp.float32).reshape(self.out_dims)
+        return (y + ((ratio - 1.0) * base + ratio * delta)).astype(y.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -93,7 +93,11 @@ def apply(module: nn.Module, calls: LayerCalls, params, args, kwargs) -> Any:
             member_module = member.split("/")[-2]
             return scope.parent.variables()["params"][member_module][FACTORS_KEY]
 
-        return calls.layer_call(path, layer, x, f, run, lookup)
+        def weights():
+            has_bias = getattr(mod, "use_bias", False) and scope.has_variable("params", "bias")
+            return kernel, scope.get_variable("params", "bias") if has_bias else None
+
+        return calls.layer_call(path, layer, x, f, run, lookup, weights)
 
     model_state = kwargs.pop("model_state", None)
     variables = {**kwargs.pop("variables", {}), **(model_state or {})}

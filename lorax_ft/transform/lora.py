@@ -16,11 +16,22 @@ node; the base params are never copied or changed.
 >>> adapters["dense"]["kernel"].a.shape, adapters["dense"]["kernel"].b.shape
 ((16, 4), (4, 32))
 >>> merged = merge(params, adapters)   # equal to params while B is zero
+
+DoRA (`LoRA(rank, dora=True)`) adds a trainable magnitude m (*stack, out_features), initialised
+to the column norms of W (as in_features × out_features); the adapted kernel is
+m · (W + scale · A @ B) / ‖W + scale · A @ B‖ per output feature, the norm held constant in the
+backward pass (PEFT's `.detach()`). `dora_norm` computes that norm factored.
+
+>>> spec = Spec([(".*/kernel", LoRA(rank=4, dora=True))])
+>>> adapters = init(jax.random.key(0), params, spec)
+>>> adapters["dense"]["kernel"].magnitude.shape    # ‖W‖ per output feature: 4.0 each
+(32,)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -51,6 +62,10 @@ class Factors:
     @property
     def rank(self) -> int:
         return self.a.shape[-1]
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
 
     def delta(self, shape, dtype) -> jax.Array:
         """scale · A @ B as a kernel of `shape`, computed in float32, returned in `dtype`."""
@@ -114,7 +129,8 @@ def init(
 
     Args:
       rng: a JAX PRNG key; each kernel's factors use `fold_in(rng, index)` in path order.
-      params: the base params pytree (only shapes are read; it is not changed).
+      params: the base params pytree (not changed; only shapes are read, except for the kernels
+        of DoRA rules, whose column norms are the initial magnitudes).
       spec: the rules; leaves with a `LoRA` action are adapted.
       layouts: per-path `KernelLayout`, usually from `lorax_ft.transform.factored.infer_layouts`; needed
         for stacked (scanned) kernels and multi-axis kernels (an attention projection of shape
@@ -124,11 +140,12 @@ def init(
       dtype: dtype of the factors (float32 keeps training precise with bfloat16 base weights).
 
     Returns:
-      A nested dict mirroring `params`, holding a `Factors` node at each adapted kernel's path.
+      A nested dict mirroring `params`, holding a `Factors` node at each adapted kernel's path
+      (with `magnitude` = ‖W‖ per output feature, in `dtype`, for DoRA rules).
 
     Raises:
       SpecError: a rank outside [1, min(in_features, out_features)]; a layout missing for a
-        kernel with more than two axes, or not fitting `params`.
+        kernel with more than two axes, or not fitting `params`; DoRA on an embedding table.
     """
     if not isinstance(spec, Spec):
         raise SpecError(
@@ -147,9 +164,16 @@ def init(
     for index, (path, action) in enumerate(spec.lora_targets(params).items()):
         shape = tuple(flat[path].shape)
         layout = _layout(path, shape, layouts.get(path), action)
-        out[path] = _init_factors(
-            jax.random.fold_in(rng, index), path, shape, layout, action, dtype
-        )
+        factors = _init_factors(jax.random.fold_in(rng, index), path, shape, layout, action, dtype)
+        if action.dora:
+            if layout.embedding:
+                raise SpecError(
+                    f"LoRA(dora=True) targets the embedding table {path!r}: DoRA is supported "
+                    "on dense layers only; give embeddings a rule without dora"
+                )
+            w = _columns(flat[path], factors)
+            factors = factors.replace(magnitude=jnp.sqrt(_column_sq_norms(w)).astype(dtype))
+        out[path] = factors
     return paths.unflatten(out)
 
 
@@ -198,13 +222,27 @@ def _init_factors(rng, path, shape, layout: KernelLayout, action: LoRA, dtype) -
 def merge(params: PyTree, adapters: PyTree) -> PyTree:
     """params with every adapted kernel replaced by W + scale · A @ B (in W's dtype).
 
-    Jit-able; float32 accumulation whatever the kernel's dtype.
+    A DoRA adapter's kernel becomes m · (W + scale · A @ B) / ‖W + scale · A @ B‖ per output
+    feature, the norm under `stop_gradient` as in training, so the merged model has the
+    factored one's gradients too. Jit-able; float32 accumulation whatever the kernel's dtype.
     """
     return _apply_delta(params, adapters, sign=1.0)
 
 
 def unmerge(params: PyTree, adapters: PyTree) -> PyTree:
-    """Undoes `merge`: W' - scale · A @ B."""
+    """Undoes `merge`: W' - scale · A @ B.
+
+    Raises:
+      ValueError: a DoRA adapter: the merged kernel's column norms are m whatever W was, so
+        W cannot be recovered from it; keep the base params instead.
+    """
+    dora = sorted(p for p, f in factors_by_path(adapters).items() if f.dora)
+    if dora:
+        raise ValueError(
+            f"cannot unmerge the DoRA adapters {dora[:3]}: the merged kernel's column norms are "
+            "the magnitudes whatever the base kernel was, so it cannot be recovered; keep the "
+            "base params and merge them again instead"
+        )
     return _apply_delta(params, adapters, sign=-1.0)
 
 
@@ -217,10 +255,52 @@ def _apply_delta(params, adapters, sign):
     def update(path, w):
         if path not in factors:
             return w
-        delta = factors[path].delta(w.shape, jnp.float32)
+        f = factors[path]
+        if f.dora:
+            return _dora_merged(w, f)
+        delta = f.delta(w.shape, jnp.float32)
         return (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
 
     return paths.map_with_path(update, params)
+
+
+def _dora_merged(w: jax.Array, f: Factors) -> jax.Array:
+    columns = _columns(w, f)
+    adapted = columns + f.delta(columns.shape, jnp.float32)
+    norm = jax.lax.stop_gradient(jnp.sqrt(_column_sq_norms(adapted)))
+    scale = f.magnitude.astype(jnp.float32) / norm
+    return (scale[..., None, :] * adapted).reshape(w.shape).astype(w.dtype)
+
+
+def _columns(w: jax.Array, f: Factors) -> jax.Array:
+    """The kernel as (*stack, in_features, out_features), in float32."""
+    return w.astype(jnp.float32).reshape((*f.a.shape[:-2], f.a.shape[-2], f.b.shape[-1]))
+
+
+def _column_sq_norms(columns: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.square(columns), axis=-2)
+
+
+def dora_norm(kernel: jax.Array, factors: Factors) -> jax.Array:
+    """‖W + s·A·B‖ per output feature (*stack, out_features), without forming W + s·A·B.
+
+    ‖W_j + s·(A·B)_j‖² = ‖W_j‖² + 2s·Σ_k (WᵀA)[j,k]·B[k,j] + s²·B[:,j]ᵀ(AᵀA)B[:,j]: W's
+    column norms and one (out × in)·(in × r) product; float32, highest precision.
+    Not differentiated (DoRA holds the norm constant): the result is under `stop_gradient`.
+
+    >>> f = Factors(a=jnp.ones((3, 1)), b=jnp.ones((1, 2)), scale=2.0)
+    >>> dora_norm(jnp.zeros((3, 2)), f)    # ‖2·(1, 1, 1)‖ per column
+    Array([3.4641016, 3.4641016], dtype=float32)
+    """
+    w = _columns(kernel, factors)
+    a, b = factors.a.astype(jnp.float32), factors.b.astype(jnp.float32)
+    mm = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+    cross = jnp.sum(mm("...io,...ir->...ro", w, a) * b, axis=-2)  # (WᵀA)ᵀ ⊙ B, summed over r
+    quad = jnp.sum(mm("...ir,...is,...so->...ro", a, a, b) * b, axis=-2)
+    s = factors.scale
+    squared = _column_sq_norms(w) + 2.0 * s * cross + (s * s) * quad
+    # Cancellation can leave a tiny negative square where the adapted column is ~0.
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(squared, 0.0)))
 
 
 def factors_by_path(adapters: PyTree) -> dict[str, Factors]:

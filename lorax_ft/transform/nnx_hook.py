@@ -8,10 +8,10 @@ supported one: `FactoredX(UserSubclass, Hooked[nnx.Linear])`. A subclass that wr
 belongs; a subclass whose `__call__` computes something of its own never reaches it (the
 dependency check in `lorax_ft.transform.factored` then merges that kernel instead).
 
-The factors are placed on the layer as `nnx.Param` variables (`lorax_a`, `lorax_b`), so NNX
-transforms slice them as they slice the kernel: blocks created with `nnx.vmap` and run with
-`nnx.scan` get per-layer factors, like linen's `nn.scan`. The pass itself is found through a
-context variable set for the duration of the call.
+The factors are placed on the layer as `nnx.Param` variables (`lorax_a`, `lorax_b`, and DoRA's
+magnitude `lorax_m`), so NNX transforms slice them as they slice the kernel: blocks created with
+`nnx.vmap` and run with `nnx.scan` get per-layer factors, like linen's `nn.scan`. The pass
+itself is found through a context variable set for the duration of the call.
 """
 
 from __future__ import annotations
@@ -60,12 +60,14 @@ def _hooked(known: type) -> type:
                     b=self.lorax_b.get_value(),
                     scale=self.lorax_scale,
                     dropout=self.lorax_dropout,
+                    magnitude=_value(getattr(self, "lorax_m", None)),
                 )
             # Inside a layer stack the factors are slices: the group partners' would have to
             # be sliced too, so down-projections are shared only outside stacks.
             stacked = len(calls.kernel_shapes[path]) > len(layer.kernel_shape)
             lookup = None if stacked else calls.factors.__getitem__
-            return calls.layer_call(path, layer, x, factors, run, lookup)
+            weights = lambda: (_value(self.kernel), _value(getattr(self, "bias", None)))
+            return calls.layer_call(path, layer, x, factors, run, lookup, weights)
 
         return method
 
@@ -73,6 +75,10 @@ def _hooked(known: type) -> type:
     if hasattr(known, "attend"):
         methods["attend"] = hook("attend")
     return type(f"Hooked{known.__name__}", (known,), methods)
+
+
+def _value(variable):
+    return None if variable is None else variable.get_value()
 
 
 @functools.cache
@@ -100,6 +106,8 @@ def apply(graphdef, rest, calls: LayerCalls, params, args, kwargs) -> Any:
         if f is not None:
             node.lorax_a, node.lorax_b = LoRAFactor(f.a), LoRAFactor(f.b)
             node.lorax_scale, node.lorax_dropout = f.scale, f.dropout
+            if f.dora:  # a Param too, so layer stacks slice the magnitude like the factors
+                node.lorax_m = LoRAFactor(f.magnitude)
     token = _CALLS.set(calls)
     try:
         out = model(*args, **kwargs)

@@ -53,6 +53,12 @@ class LoRA:
       dropout: dropout on the adapter's input while training (PEFT's `lora_dropout`).
       in_axes: how many of the kernel's axes (after any stacked layer axes) are inputs; by
         default it comes from the layer that uses the kernel, else all axes but the last.
+      dora: DoRA (PEFT's `use_dora`): a trainable magnitude m per output feature, initialised
+        to the column norms ‖W‖, rescales the adapted layer to m·(W + s·A·B)/‖W + s·A·B‖, the
+        norm held constant in the backward pass. Computed factored at dense layers (linen
+        Dense/DenseGeneral, nnx.Linear/LinearGeneral); refused at embeddings (at `lora.init`)
+        and at einsum and conv layers (when the model runs), and with dropout (PEFT computes
+        the base term on the dropped-out input, an extra full matmul this library does not do).
     """
 
     rank: int
@@ -61,6 +67,7 @@ class LoRA:
     rslora: bool = False
     dropout: float = 0.0
     in_axes: int | None = None
+    dora: bool = False
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -76,6 +83,13 @@ class LoRA:
             raise SpecError(f"LoRA alpha must be a number > 0 (or None: rank), got {self.alpha!r}")
         if self.in_axes is not None and (not isinstance(self.in_axes, int) or self.in_axes < 1):
             raise SpecError(f"LoRA in_axes must be an integer >= 1, got {self.in_axes!r}")
+        if not isinstance(self.dora, bool):
+            raise SpecError(f"LoRA dora must be True or False, got {self.dora!r}")
+        if self.dora and self.dropout:
+            raise SpecError(
+                f"LoRA(dora=True, dropout={self.dropout}) is not supported: PEFT's DoRA computes "
+                "the base term on the dropped-out input; use dropout=0 with DoRA"
+            )
 
     @property
     def scale(self) -> float:
