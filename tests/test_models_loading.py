@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from lorax_ft.errors import UserError
 from lorax_ft.models import (
+    BertConfig,
+    BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
     abstract_params,
@@ -184,3 +186,78 @@ def test_damaged_config_and_index_are_named(model_dir):
     (path / "config.json").write_text("{'model_type': 'llama'}")
     with pytest.raises(UserError, match=re.escape(f"{path}/config.json is not valid JSON")):
         load_pretrained(str(path))
+
+
+BERT_CFG = BertConfig(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    intermediate_size=48, max_position_embeddings=16, num_labels=3, classifier_pooling="mean",
+)  # fmt: skip
+
+
+@pytest.fixture
+def head_dir(tmp_path):
+    """A mean-pooled classifier's export: a BertModel with classifier.json/.safetensors beside."""
+    module = BertForSequenceClassification(BERT_CFG)
+    params = _params(module)
+    save_pretrained(str(tmp_path), module, params)
+    return tmp_path, params
+
+
+def test_head_directory_shapes_and_shardings(head_dir):
+    path, params = head_dir
+    module, shapes, cfg, _ = load_pretrained(str(path), read_weights=False)
+    assert isinstance(module, BertForSequenceClassification) and cfg.classifier_pooling == "mean"
+    assert shapes["classifier"]["kernel"].shape == (32, 3)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    rules = (("embed", "data"), ("heads", "model"), ("mlp", "model"))
+    place = lambda m: nn.logical_to_mesh_sharding(logical_axes(m), mesh, rules)
+    _, loaded, _, _ = load_pretrained(str(path), shardings=place)
+    kernel = loaded["classifier"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("data", None)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def _rewrite_head(path, weight=None, bias=None, extra=None):
+    tensors = dict(load_file(str(path / "classifier.safetensors")))
+    tensors.update({k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None})
+    tensors.update(extra or {})
+    save_file(tensors, str(path / "classifier.safetensors"))
+
+
+def _edit_head(path, **changes):
+    head = json.loads((path / "classifier.json").read_text())
+    (path / "classifier.json").write_text(json.dumps({**head, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (lambda p: (p / "classifier.safetensors").unlink(), ModelFileError,
+         r"has classifier\.json but no classifier\.safetensors"),
+        (lambda p: (p / "classifier.json").unlink(), ModelFileError,
+         r"has classifier\.safetensors but no classifier\.json"),
+        (lambda p: _edit_head(p, pooling="max"), ModelFileError, r"pooling 'max', lorax_ft reads"),
+        (lambda p: _edit_head(p, num_labels=4), ModelFileError,
+         r"weight \(3, 32\) and bias \(3,\) do not fit num_labels=4"),
+        (lambda p: _rewrite_head(p, extra={"dense": np.zeros((32, 32), np.float32)}),
+         ModelFileError, r"tensors \['bias', 'dense', 'weight'\], a classifier head is"),
+        (lambda p: _rewrite_head(p, weight=np.zeros((3, 16), np.float32)), ModelFileError,
+         r"tensor classifier\.weight has shape \(3, 16\) but the config implies \(3, 32\)"),
+        (lambda p: _edit_config(p, architectures=["BertForSequenceClassification"]),
+         ModelFileError, r"classifier\.json is a head for a BERT encoder, but config\.json"),
+    ],
+)  # fmt: skip
+def test_head_directory_refuses_what_it_cannot_read_exactly(head_dir, damage, error, match):
+    path, _ = head_dir
+    damage(path)
+    with pytest.raises(error, match=match) as err:
+        load_pretrained(str(path))
+    assert "\n" not in str(err.value)
+
+
+def test_head_directory_refuses_another_pooling(head_dir):
+    path, _ = head_dir
+    with pytest.raises(ValueError, match=r"classifier_pooling='cls', but its head .* 'mean'"):
+        load_pretrained(str(path), classifier_pooling="cls")
+    module, _, _, _ = load_pretrained(str(path), classifier_pooling="mean")
+    assert module.config.classifier_pooling == "mean"

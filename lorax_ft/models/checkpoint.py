@@ -122,6 +122,43 @@ def _is_stacked(path: tuple[str, ...], family: Family, cfg: Any) -> bool:
     return cfg.scan_layers and family.stack_name in path[:-1]
 
 
+def is_stacked(path: tuple[str, ...], family: Family, cfg: Any) -> bool:
+    """Whether the leaf at `path` is a scanned layer stack (a leading layer axis, one per layer)."""
+    return _is_stacked(path, family, cfg)
+
+
+def hf_module_name(path: tuple[str, ...], family: Family, layer: int | None = None) -> str:
+    """The HF module holding the leaf at `path`; `layer` picks one layer of a scanned stack.
+
+    >>> from lorax_ft.models.families import LLAMA
+    >>> hf_module_name(("model", "layers", "self_attn", "q_proj", "kernel"), LLAMA, 1)
+    'model.layers.1.self_attn.q_proj'
+    """
+    return ".".join(_hf_base(path, family, layer))
+
+
+def hf_leaf_names(leaf: str) -> tuple[str, ...]:
+    """HF names of a leaf (`kernel` -> `weight`), the current name first, then older ones."""
+    return _LEAF_NAMES[leaf]
+
+
+def from_hf_layout(array: np.ndarray, leaf: str, family: Family) -> np.ndarray:
+    """One layer's HF tensor in the layout of the leaf (`nn.Linear` weights transposed)."""
+    return _from_hf(array, leaf, family)
+
+
+def hf_leaf_tensors(path: tuple[str, ...], value: Any, family: Family, cfg: Any) -> dict:
+    """`{HF tensor name: numpy array}` of one parameter leaf; a scanned stack gives one per layer."""
+    array = np.asarray(jax.device_get(value))
+    layers = range(array.shape[0]) if _is_stacked(path, family, cfg) else [None]
+    out = {}
+    for layer in layers:
+        name = f"{hf_module_name(path, family, layer)}.{_LEAF_NAMES[path[-1]][0]}"
+        part = array if layer is None else array[layer]
+        out[name] = np.ascontiguousarray(_from_hf(part, path[-1], family))
+    return out
+
+
 def _from_hf(array: np.ndarray, leaf: str, family: Family) -> np.ndarray:
     return array.T if leaf == "kernel" and family.transpose_kernels else array
 
@@ -238,11 +275,5 @@ def to_hf_tensors(params: Any, family: Family, cfg: Any) -> dict[str, np.ndarray
     """HF-named numpy tensors (`(out, in)` Linear weights, stacks unrolled) for `params`."""
     out = {}
     for path, value in _leaf_paths(params):
-        array = np.asarray(jax.device_get(value))
-        layers = range(array.shape[0]) if _is_stacked(path, family, cfg) else [None]
-        for layer in layers:
-            base = _hf_base(path, family, layer)
-            name = ".".join((*base, _LEAF_NAMES[path[-1]][0]))
-            part = array if layer is None else array[layer]
-            out[name] = np.ascontiguousarray(_from_hf(part, path[-1], family))
+        out.update(hf_leaf_tensors(path, value, family, cfg))
     return out

