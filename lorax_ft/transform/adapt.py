@@ -65,7 +65,8 @@ class Adapted:
     Attributes:
       apply: the adapted model, `lf.factored(model)`:
         `apply(params, adapters, *inputs, lora_rng=None, **kwargs)`.
-      params: the base params (not copied: the caller's arrays).
+      params: the base params (not copied: the caller's arrays; a kernel a PiSSA/OLoRA rule
+        adapts is its residual W − s·A·B, a new array).
       adapters: the LoRA factors, a pytree mirroring `params` with a `Factors` at each adapted
         kernel ({} for full fine-tuning).
       model_state: the state the model updates as it runs (`lf.factored`'s `model_state=`): a
@@ -243,7 +244,8 @@ def adapt(
         state_kwargs = {"model_state": model_state} if model_state else {}
         layouts = infer_layouts(model, params, *sample_inputs, **sample_kwargs, **state_kwargs)
     rng = jax.random.key(0) if rng is None else rng
-    adapters = lora.init(rng, params, spec, layouts)
+    # PiSSA/OLoRA rules make new (residual) kernels; every other leaf stays the caller's array.
+    params, adapters = lora.initialize(rng, params, spec, layouts)
     return Adapted(
         apply=factored(model),
         params=params,

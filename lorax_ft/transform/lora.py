@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lorax_ft.transform import paths
-from lorax_ft.transform.spec import LoRA, Spec, SpecError
+from lorax_ft.transform import inits, paths
+from lorax_ft.transform.spec import LoRA, Spec, SpecError, parse_init
 
 PyTree = Any
 
@@ -145,13 +145,48 @@ def init(
 
     Raises:
       SpecError: a rank outside [1, min(in_features, out_features)]; a layout missing for a
-        kernel with more than two axes, or not fitting `params`; DoRA on an embedding table.
+        kernel with more than two axes, or not fitting `params`; DoRA on an embedding table;
+        an init that changes the base (PiSSA, OLoRA: use `initialize`).
     """
-    if not isinstance(spec, Spec):
+    _check_spec(spec)
+    changing = [p for p, a in spec.lora_targets(params).items() if a.changes_base]
+    if changing:
         raise SpecError(
-            f"lora.init takes a Spec, got {type(spec).__name__}: wrap rules as Spec([...]) or "
-            "Spec({regex: action})"
+            f"LoRA init for {changing[0]!r} changes the base kernel (PiSSA/OLoRA leave the "
+            "residual W − s·A·B): use lora.initialize(rng, params, spec, layouts), which returns "
+            "the new base params with the adapters"
         )
+    return initialize(rng, params, spec, layouts, dtype=dtype)[1]
+
+
+def initialize(
+    rng: jax.Array,
+    params: PyTree,
+    spec: Spec,
+    layouts: Mapping[str, KernelLayout] | None = None,
+    *,
+    dtype: Any = jnp.float32,
+) -> tuple[PyTree, PyTree]:
+    """LoRA as a transform of the params: `(base params, adapters)` for every init.
+
+    As `init`, which it generalises: with the PiSSA and OLoRA inits (`LoRA(init="pissa")`,
+    `"pissa_niter_<N>"`, `"olora"`, see `lorax_ft.transform.inits`) the factors start at a
+    rank-r part of W and the base kernel becomes the residual W − s·A·B, so that
+    `merge(base, adapters)` is W at step 0 and W + ΔW after training. Other kernels (and all
+    kernels for the other inits) are the given arrays, not copies.
+
+    Returns:
+      (base, adapters): the params with residual kernels where an init changed them, in their
+      dtype, and the adapters as `init` makes them.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from lorax_ft.transform.spec import LoRA, Spec
+    >>> w = jax.random.normal(jax.random.key(0), (16, 8))
+    >>> base, adapters = initialize(jax.random.key(1), {"k": w}, Spec([("k", LoRA(4, init="pissa"))]))
+    >>> bool(jnp.allclose(merge(base, adapters)["k"], w, atol=1e-5))   # W at step 0
+    True
+    """
+    _check_spec(spec)
     layouts = dict(layouts or {})
     flat = paths.flatten(params)
     unknown = sorted(set(layouts) - set(flat))
@@ -160,21 +195,51 @@ def init(
             f"layouts name {unknown[:3]}, which are not params of this model (layouts from "
             "another model? Infer them from this one: lf.infer_layouts(model, params, x))"
         )
-    out = {}
+    out, residuals = {}, {}
     for index, (path, action) in enumerate(spec.lora_targets(params).items()):
-        shape = tuple(flat[path].shape)
+        key, shape = jax.random.fold_in(rng, index), tuple(flat[path].shape)
         layout = _layout(path, shape, layouts.get(path), action)
-        factors = _init_factors(jax.random.fold_in(rng, index), path, shape, layout, action, dtype)
+        factors = _init_factors(key, path, shape, layout, action, dtype)
+        if action.changes_base:
+            factors, residuals[path] = _principal(key, path, flat[path], layout, action, factors)
         if action.dora:
             if layout.embedding:
                 raise SpecError(
                     f"LoRA(dora=True) targets the embedding table {path!r}: DoRA is supported "
                     "on dense layers only; give embeddings a rule without dora"
                 )
-            w = _columns(flat[path], factors)
+            w = _columns(flat[path], factors)  # W = residual + s·A·B: the same norms
             factors = factors.replace(magnitude=jnp.sqrt(_column_sq_norms(w)).astype(dtype))
         out[path] = factors
-    return paths.unflatten(out)
+    if residuals:
+        params = paths.map_with_path(lambda p, x: residuals.get(p, x), params)
+    return params, paths.unflatten(out)
+
+
+def _check_spec(spec) -> None:
+    if not isinstance(spec, Spec):
+        raise SpecError(
+            f"lora.init takes a Spec, got {type(spec).__name__}: wrap rules as Spec([...]) or "
+            "Spec({regex: action})"
+        )
+
+
+def _principal(key, path: str, w, layout: KernelLayout, action: LoRA, factors: Factors):
+    """PiSSA/OLoRA factors (in the dtype `factors` has) and the residual kernel of `w`."""
+    if layout.embedding:
+        raise SpecError(
+            f"LoRA(init={action.init!r}) targets the embedding table {path!r}: PiSSA and OLoRA "
+            "decompose dense kernels only; give embeddings a rule with init='kaiming'"
+        )
+    method, niter = parse_init(action.init)
+    columns = w.reshape((*w.shape[: layout.stack], *layout.features(w.shape)))
+    if method == "pissa":
+        rng = None if niter is None else key
+        a, b, residual = inits.pissa(columns, action.rank, action.scale, niter=niter, rng=rng)
+    else:
+        a, b, residual = inits.olora(columns, action.rank, action.scale)
+    factors = factors.replace(a=a.astype(factors.a.dtype), b=b.astype(factors.b.dtype))
+    return factors, residual.reshape(w.shape)
 
 
 def _layout(path: str, shape, layout: KernelLayout | None, action: LoRA) -> KernelLayout:

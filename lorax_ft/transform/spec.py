@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -46,9 +47,12 @@ class LoRA:
       rank: r, the inner dimension of A (in_features × r) and B (r × out_features).
       alpha: scale numerator; `scale = alpha / rank` (or `alpha / sqrt(rank)` with `rslora`).
         Defaults to `rank`, a scale of 1.
-      init: "kaiming" (PEFT's default: A kaiming-uniform with a=√5, B zero) or "gaussian"
-        (A ~ N(0, 1/r), B zero). Embedding tables follow PEFT's convention either way: A zero,
-        B random.
+      init: "kaiming" (PEFT's default: A kaiming-uniform with a=√5, B zero), "gaussian"
+        (A ~ N(0, 1/r), B zero); embedding tables follow PEFT's convention either way: A zero,
+        B random. Or, changing the base: "pissa" (A, B from the top-r singular triplets of W,
+        exact SVD), "pissa_niter_<N>" (randomized SVD with N subspace iterations), "olora" (A,
+        B from a QR decomposition of W); the base kernel becomes the residual W − s·A·B, so
+        these need `lora.initialize`, which returns the new base (PEFT's `init_lora_weights`).
       rslora: rank-stabilised scaling alpha/√r.
       dropout: dropout on the adapter's input while training (PEFT's `lora_dropout`).
       in_axes: how many of the kernel's axes (after any stacked layer axes) are inputs; by
@@ -63,7 +67,7 @@ class LoRA:
 
     rank: int
     alpha: float | None = None
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: str = "kaiming"
     rslora: bool = False
     dropout: float = 0.0
     in_axes: int | None = None
@@ -74,8 +78,7 @@ class LoRA:
             raise SpecError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise SpecError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise SpecError(f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        parse_init(self.init)
         if self.alpha is not None and not (
             isinstance(self.alpha, int | float) and 0 < self.alpha < math.inf
         ):
@@ -95,6 +98,31 @@ class LoRA:
     def scale(self) -> float:
         alpha = self.rank if self.alpha is None else self.alpha
         return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether the init moves part of W into the factors (PiSSA, OLoRA)."""
+        return parse_init(self.init)[0] in BASE_CHANGING_INITS
+
+
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora")
+"""The values of `LoRA.init`."""
+BASE_CHANGING_INITS = ("pissa", "olora")
+
+
+def parse_init(init: Any) -> tuple[str, int | None]:
+    """`LoRA.init` -> (method, randomized-SVD iterations or None); SpecError names the valid ones.
+
+    >>> parse_init("pissa_niter_4")
+    ('pissa', 4)
+    """
+    if isinstance(init, str):
+        if init in ("kaiming", "gaussian", "pissa", "olora"):
+            return init, None
+        match = re.fullmatch(r"pissa_niter_(\d+)", init)
+        if match:
+            return "pissa", int(match.group(1))
+    raise SpecError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
 
 
 @dataclasses.dataclass(frozen=True)
