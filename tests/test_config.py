@@ -62,6 +62,13 @@ def test_config_arguments_are_checked():
         (lambda c: c.optim.__setattr__("wd_mults", ((".*",),)), r"optim.wd_mults\[0\]="),
         (lambda c: c.optim.__setattr__("lr_mults", ((".*", "2"),)), r"optim.lr_mults\[0\]="),
         (lambda c: c.optim.__setattr__("lr_mults", ((".*", True),)), r"optim.lr_mults\[0\]="),
+        (lambda c: c.peft.__setattr__("rules", (("(", "train"),)), r"peft.rules\[0\]=.* must be"),
+        (lambda c: c.peft.__setattr__("rules", (("q", "adapt"),)), r"action must be 'train'"),
+        (
+            lambda c: c.peft.__setattr__("rules", ((".*", "train"), ("q", {"rnk": 4}))),
+            r"peft.rules\[1\]=.*unknown LoRA setting 'rnk'; valid: rank, alpha",
+        ),
+        (lambda c: c.peft.__setattr__("targets", ""), "peft.mode='lora' adapts nothing"),
     ],
 )
 def test_each_bad_config_names_its_key(edit, message):
@@ -112,6 +119,55 @@ def test_peft_spec_from_config():
     assert all(isinstance(a, LoRA) and a.rank == 8 and a.scale == 2.0 for a in actions[:-1])
     assert spec.rules[-1] == (r"classifier/.*", Train())
     assert config_lib.peft_spec(bbc_minilm.get_config("full").peft, BertConfig()) is FULL_FINETUNE
+
+
+def test_peft_rules_mean_what_a_spec_means():
+    """`peft.rules` come first, presets expand, unset settings come from the shorthand keys."""
+    from lorax_ft.models import LlamaConfig
+    from lorax_ft.models.lora_targets import lora_targets
+
+    config = smollm2_shakespeare.get_config("lora")
+    config.peft.update(rank=4, alpha=8.0, targets="all-linear", train=".*/norm/scale")
+    config.peft.rules = (
+        ("attention-qv", {"rank": 16, "dora": True}),
+        (r".*/mlp/down_proj/kernel", {"alpha": 2.0, "rslora": True}),
+        (r".*/layers_0/mlp/.*", "freeze"),
+    )
+    config_lib.validate(config, num_devices=8)
+    spec = config_lib.peft_spec(config.peft, LlamaConfig(num_hidden_layers=2))
+    qv, shorthand = LoRA(16, alpha=8.0, dora=True), LoRA(4, alpha=8.0)
+    assert spec.rules == (
+        (lora_targets("llama", "attention-qv")[0], qv),
+        (r".*/mlp/down_proj/kernel", LoRA(4, alpha=2.0, rslora=True)),
+        (r".*/layers_0/mlp/.*", lf.Freeze()),
+        *((pattern, shorthand) for pattern in lora_targets("llama", "all-linear")),
+        (".*/norm/scale", Train()),
+    )
+    shape = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    layers = {
+        f"layers_{i}": {
+            "self_attn": {n: {"kernel": shape} for n in ("q_proj", "k_proj", "v_proj")},
+            "mlp": {n: {"kernel": shape} for n in ("up_proj", "down_proj")},
+        }
+        for i in range(2)
+    }
+    params = {"model": {**layers, "norm": {"scale": jax.ShapeDtypeStruct((64,), jnp.float32)}}}
+    targets = spec.lora_targets(params)
+    assert targets["model/layers_1/self_attn/q_proj/kernel"].rank == 16
+    assert targets["model/layers_1/self_attn/k_proj/kernel"].scale == 2.0
+    assert targets["model/layers_1/mlp/down_proj/kernel"].scale == 1.0  # 2 / sqrt(4)
+    assert "model/layers_0/mlp/up_proj/kernel" not in targets  # frozen by the earlier rule
+    assert spec.labels(params)["model"]["norm"]["scale"] == "train"
+
+
+def test_peft_rule_settings_are_validated_with_the_rule_named():
+    from lorax_ft.models import LlamaConfig
+
+    config = smollm2_shakespeare.get_config("lora")
+    config.peft.rules = (("attention-qv", {"rank": 0}),)
+    config_lib.validate(config, num_devices=8)  # the structure is fine; the value is not
+    with pytest.raises(config_lib.ConfigError, match=r"^peft.rules\[0\]: LoRA rank must be"):
+        config_lib.peft_spec(config.peft, LlamaConfig())
 
 
 def test_schedule_length_follows_train_steps_unless_set():

@@ -159,12 +159,12 @@ def test_cli_refuses_and_changes_nothing(tiny_run, tmp_path, where, message):  #
 def test_cli_replaces_an_earlier_export_only_with_overwrite(tiny_run, tmp_path):  # noqa: F811
     target = tmp_path / "hf"
     args = ("export", f"--config={TINY}", f"--workdir={tiny_run}", f"--export_dir={target}")
-    lorax_ft(*args, "--adapters_only")
+    lorax_ft(*args)
     marker = json.loads((target / MARKER).read_text())
-    assert marker["step"] == 4 and "adapters.safetensors" in marker["written"]
+    assert marker["step"] == 4 and "adapter_model.safetensors" in marker["written"]
     assert "pass --overwrite" in _refused(tiny_run, str(target))
     assert _umask_modes(target)
-    lorax_ft(*args, "--overwrite")  # now the merged model replaces the adapters
+    lorax_ft(*args, "--merged", "--overwrite")  # now the merged model replaces the adapters
     assert sorted(os.listdir(target)) == [MARKER, "config.json", "model.safetensors",
                                           "tokenizer.json"]  # fmt: skip
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary left beside it

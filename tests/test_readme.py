@@ -99,8 +99,9 @@ def test_every_readme_command_runs_through_the_installed_command(tmp_path):
         elif command[1] == "export":
             exported = outside / summary["export_dir"]
             names = {p.name for p in exported.iterdir()}
-            assert ("adapters.safetensors" in names) == ("--adapters_only" in command)
-            assert "config.json" in names or "adapter_config.json" in names
+            merged = "--merged" in command or ":full" in args[1]
+            assert ("adapter_model.safetensors" in names) == (not merged)
+            assert ("model.safetensors" in names) == merged
 
     # Full fine-tuning starts from the same model as LoRA (B = 0): the same step-0 eval, on
     # every mesh (the shrunk full runs read the same eval batch as the shrunk LoRA run).

@@ -211,10 +211,75 @@ def test_eval_and_export_from_the_workdir(tiny_run, tmp_path):
     assert evaluated["eval_accuracy"] == pytest.approx(final["eval_accuracy"])
 
     out = tmp_path / "adapters"
-    lorax_ft("export", f"--config={TINY}", f"--workdir={tiny_run}", f"--export_dir={out}",
-             "--adapters_only")  # fmt: skip
+    lorax_ft("export", f"--config={TINY}", f"--workdir={tiny_run}", f"--export_dir={out}")
     meta = json.loads((out / "adapter_config.json").read_text())
-    assert meta["adapters"] and "classifier/kernel" in meta["trained_fully"]
+    assert meta["peft_type"] == "LORA" and meta["r"] == 8 and meta["lora_alpha"] == 16
+    # Mean pooling has no transformers classifier: the encoder's adapters (a BertModel's) and
+    # the head beside them, with how to apply it.
+    assert meta["task_type"] == "FEATURE_EXTRACTION" and meta["modules_to_save"] is None
+    assert json.loads((out / "classifier.json").read_text())["pooling"] == "mean"
+    assert meta["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_a_peft_export_evaluates_and_starts_a_run_as_the_checkpoint_it_came_from(
+    tiny_run, tmp_path
+):
+    """export (PEFT format) -> `eval --adapters` and `train --config.peft.init_from`: the same
+    metrics as the checkpoint; an adapter that does not fit the config is one line."""
+    adapter = tmp_path / "adapter"
+    lorax_ft("export", f"--config={TINY}", f"--workdir={tiny_run}", f"--export_dir={adapter}")
+    checkpoint = _last_json(lorax_ft("eval", f"--config={TINY}", f"--workdir={tiny_run}").stdout)
+    first = next(r for r in read_metrics(tiny_run / "metrics.jsonl") if "eval_accuracy" in r)
+    result = lorax_ft("eval", f"--config={TINY}", f"--adapters={adapter},none")
+    evaluated = _last_json(result.stdout)["adapters"]
+    assert evaluated[str(adapter)]["eval_loss"] == pytest.approx(checkpoint["eval_loss"], 1e-6)
+    assert evaluated["none"]["eval_loss"] == pytest.approx(first["eval_loss"], 1e-6)
+    assert abs(evaluated["none"]["eval_loss"] - checkpoint["eval_loss"]) > 1e-4  # it trained
+
+    started = _last_json(
+        lorax_ft("train", f"--config={TINY}", f"--workdir={tmp_path / 'again'}",
+                 f"--config.peft.init_from={adapter}", "--config.train.steps=1").stdout
+    )  # fmt: skip
+    assert started["eval_before"]["eval_loss"] == pytest.approx(checkpoint["eval_loss"], 1e-6)
+
+    refused = lorax_ft("eval", f"--config={TINY}", f"--adapters={adapter}",
+                       "--config.peft.rank=4", check=False)  # fmt: skip
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert f"--adapters: {adapter}: the adapter of bert/" in lines[0]
+    assert "has rank 8" in lines[0] and "the config rank 4" in lines[0]
+
+
+def test_a_pissa_run_exports_a_lora_on_the_original_base(tmp_path):
+    """PiSSA trains on residual kernels; its export is PEFT's rank-2r LoRA on the base as loaded:
+    merged into that base, the same kernels as the run's own merge."""
+    import jax
+
+    from configs import bbc_minilm
+    from lorax_ft.models import load_peft
+    from lorax_ft.run import commands, tasks
+    from lorax_ft.run.experiment import num_labels_of
+    from lorax_ft.transform import lora, paths
+
+    overrides = ("--config.peft.init=pissa_niter_2", "--config.peft.targets=attention-qv")
+    workdir, adapter = tmp_path / "run", tmp_path / "adapter"
+    lorax_ft("train", f"--config={TINY}", f"--workdir={workdir}", *overrides)
+    lorax_ft("export", f"--config={TINY}", f"--workdir={workdir}", f"--export_dir={adapter}",
+             *overrides)  # fmt: skip
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16  # 2 × 8
+
+    config = bbc_minilm.get_config("lora,tiny")
+    config.peft.init, config.peft.targets = "pissa_niter_2", "attention-qv"
+    run = commands.restore(config, str(workdir))
+    trained = jax.device_get(run.state.variables)
+    original = jax.device_get(tasks.build(config, num_labels_of(config)).params)
+    loaded = load_peft(str(adapter), run.task.module, original)
+    ours = paths.flatten(lora.merge(trained["params"], trained["lora"]))
+    theirs = paths.flatten(lora.merge(original, loaded.adapters))
+    query = "bert/encoder/layer_0/attention/self/query/kernel"
+    assert float(np.abs(ours[query] - paths.flatten(original)[query]).max()) > 1e-3  # trained
+    for path in lora.factors_by_path(trained["lora"]):
+        assert_close(theirs[path], ours[path], tol=1e-5)
 
 
 def test_killed_run_resumes_bitwise(tiny_run, tmp_path):

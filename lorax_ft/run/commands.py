@@ -1,21 +1,18 @@
-"""What `lorax-ft eval`, `generate` and `export` do with a trained workdir."""
+"""What `lorax-ft eval`, `generate` and `export` do with a trained workdir or adapter directories."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
-import numpy as np
-from safetensors.numpy import save_file
 
 from lorax_ft.errors import UserError
 from lorax_ft.run.checkpointing import Checkpointer
 from lorax_ft.run.completions import generate_texts, merged_params
 from lorax_ft.run.export_target import check_target, replace_directory
 from lorax_ft.run.resume import resume_config
-from lorax_ft.transform import lora
+from lorax_ft.transform import paths
 
 USER_ERRORS = (UserError, FileNotFoundError, ValueError)
 
@@ -50,55 +47,159 @@ def evaluate_checkpoint(config, workdir) -> dict:
     return {"step": int(state.step), **evaluate(experiment, state)}
 
 
-def generate(config, workdir, prompts) -> dict:
+def evaluate_adapters(config, directories) -> dict:
+    """Eval metrics of the base model with each PEFT adapter directory (`none`: no adapter)."""
+    from lorax_ft.run.trainer import evaluate
+
+    experiment = _check_adapters_then_build(config, directories)
+    return {
+        "adapters": {
+            name: evaluate(experiment, state)
+            for name, state in adapter_states(experiment, directories)
+        }
+    }
+
+
+def adapter_states(experiment, directories):
+    """`(directory, state)` for each PEFT adapter directory, its values in the experiment's
+    step-0 state (each must fit the config, see `init_from`); `none` is the fresh state, whose
+    adapters change nothing (B = 0, or DoRA's magnitude ‖W‖)."""
+    from lorax_ft.run.init_from import initial_values
+    from lorax_ft.transform.partition import split, variable_labels
+
+    fresh = experiment.state
+    variables = fresh.variables
+    labels = variable_labels(experiment.task.params, variables["lora"], experiment.spec)
+    for directory in directories:
+        if directory == "none":
+            yield directory, fresh
+            continue
+        start = initial_values(
+            directory, experiment.task.module, variables["params"], variables["lora"],
+            experiment.spec, where=f"--adapters: {directory}",
+        )  # fmt: skip
+        params, adapters = start(variables["params"], variables["lora"])
+        frozen, trainable = split({"params": params, "lora": adapters}, labels)
+        state = fresh.replace(frozen=frozen, trainable=trainable)
+        yield directory, jax.device_put(state, experiment.shardings)
+
+
+def _check_adapters_then_build(config, directories):
+    from lorax_ft.run.experiment import build
+
+    for directory in directories:  # before the model is loaded
+        if directory != "none" and not os.path.isfile(
+            os.path.join(directory, "adapter_config.json")
+        ):
+            raise UserError(
+                f"--adapters: {directory} is not a PEFT adapter directory (no "
+                "adapter_config.json); give adapter directories or none (the base)"
+            )
+    return build(config)
+
+
+def generate(config, workdir, prompts, adapters=()) -> dict:
+    """Greedy completions of `prompts` by the newest checkpoint of `workdir`, or (`adapters`)
+    by the base model with each PEFT adapter directory."""
     from lorax_ft.run.trainer import generation_prompt
 
     if config.model.task != "causal_lm":
         raise ValueError(f"generate needs model.task='causal_lm', not {config.model.task!r}")
     if any(not p.strip() for p in prompts):  # checked before the model is loaded
         raise UserError(f"--prompt={next(p for p in prompts if not p.strip())!r} has no text")
-    experiment = restore(config, workdir)
-    task, state = experiment.task, experiment.state
-    params = merged_params(state.variables)
     prompts = prompts or ["Hello"]
     rendered = [generation_prompt(config.data, p) for p in prompts]  # the chat template, if any
-    texts = generate_texts(task, params, rendered, config.train.max_new_tokens)
-    return {"step": int(state.step), "samples": dict(zip(prompts, texts, strict=True))}
+
+    def complete(task, state):
+        texts = generate_texts(task, merged_params(state.variables), rendered,
+                               config.train.max_new_tokens)  # fmt: skip
+        return dict(zip(prompts, texts, strict=True))
+
+    if adapters:
+        experiment = _check_adapters_then_build(config, adapters)
+        states = adapter_states(experiment, adapters)
+        return {"adapters": {name: complete(experiment.task, s) for name, s in states}}
+    experiment = restore(config, workdir)
+    return {
+        "step": int(experiment.state.step),
+        "samples": complete(experiment.task, experiment.state),
+    }
 
 
-def export(config, workdir, export_dir, adapters_only: bool, overwrite: bool = False) -> dict:
-    """The merged model as a Hugging Face directory, or the adapters alone, written atomically.
+def export(config, workdir, export_dir, merged: bool = False, overwrite: bool = False) -> dict:
+    """The trained adapters as a PEFT adapter directory, or the merged model as a Hugging Face
+    directory (`merged`, and always for full fine-tuning), written atomically.
 
-    `export_dir` is checked first (see `export_target.check_target`): a refused target costs no
-    restore or merge, and nothing that is not an earlier export is ever replaced.
+    The adapter directory is what `peft.PeftModel.from_pretrained(base, export_dir)` loads
+    (`adapter_config.json`, `adapter_model.safetensors`, leaves trained fully as
+    `modules_to_save`), and what `peft.init_from` starts a run from. `export_dir` is checked
+    first (see `export_target.check_target`): a refused target costs no restore or merge, and
+    nothing that is not an earlier export is ever replaced.
     """
     from lorax_ft.models.export import save_pretrained
+    from lorax_ft.models.peft_format import save_peft
 
     check_target(export_dir, workdir, overwrite)
     experiment = restore(config, workdir)
     task, state = experiment.task, experiment.state
-    if adapters_only:
-        factors = lora.factors_by_path(jax.device_get(state.variables["lora"]))
+    if merged or config.peft.mode == "full":
+        params = jax.device_get(merged_params(state.variables))
 
         def write(directory):
-            tensors = {}
-            for path, f in factors.items():
-                tensors[f"{path}/lora_a"] = np.asarray(f.a)
-                tensors[f"{path}/lora_b"] = np.asarray(f.b)
-            trained = {
-                p: np.asarray(x) for p, x in lora.paths.flatten(state.trainable["params"]).items()
-            }
-            save_file({**tensors, **trained}, os.path.join(directory, "adapters.safetensors"))
-            meta = {p: {"scale": f.scale, "rank": f.rank} for p, f in factors.items()}
-            with open(os.path.join(directory, "adapter_config.json"), "w") as fh:
-                json.dump({"adapters": meta, "trained_fully": sorted(trained)}, fh, indent=2)
+            save_pretrained(directory, task.module, params, tokenizer=task.tokenizer)
 
+        written = "merged model" if config.peft.mode == "lora" else "model"
     else:
-        merged = jax.device_get(merged_params(state.variables))
+        variables = jax.device_get(state.variables)
+        trained = paths.flatten(jax.device_get(state.trainable["params"]))
+        base, adapters = on_original_base(experiment, variables["params"], variables["lora"])
 
         def write(directory):
-            save_pretrained(directory, task.module, merged, tokenizer=task.tokenizer)
+            save_peft(
+                directory, task.module, base, adapters, trained,
+                base_model_name_or_path=base_model_name(config.model),
+            )  # fmt: skip
 
-    summary = {"step": int(state.step), "adapters_only": adapters_only}
+        written = "peft adapters"
+    summary = {"step": int(state.step), "wrote": written}
     replace_directory(export_dir, write, record=summary)
     return {**summary, "export_dir": export_dir}
+
+
+def on_original_base(experiment, params, adapters):
+    """`(base, adapters)` for the base model as its source holds it.
+
+    A run with PiSSA/OLoRA inits trains on residual kernels W − s·A0·B0; its adapters are
+    converted to rank-2r LoRA adapters on W (PEFT's conversion, `inits.residual_to_lora`), from
+    A0, B0 recomputed from the reloaded base as the run computed them. Other runs are returned
+    as they are.
+    """
+    from lorax_ft.run import experiment as experiment_lib
+    from lorax_ft.run import tasks
+    from lorax_ft.transform import inits, lora
+    from lorax_ft.transform.factored import infer_layouts
+
+    config, spec, task = experiment.config, experiment.spec, experiment.task
+    changed = [p for p, a in spec.lora_targets(params).items() if a.changes_base]
+    if not changed:
+        return params, adapters
+    num_labels = experiment_lib.num_labels_of(config)
+    original = jax.device_get(tasks.build(config, num_labels).params)
+    layouts = infer_layouts(task.module, original, *task.example_inputs)
+    _, initial = lora.initialize(experiment_lib.adapter_key(config), original, spec, layouts)
+    first, converted = lora.factors_by_path(initial), lora.factors_by_path(adapters)
+    for path in changed:
+        a, b = inits.residual_to_lora(first[path].a, first[path].b, converted[path].a,
+                                      converted[path].b)  # fmt: skip
+        converted[path] = converted[path].replace(a=a, b=b)
+    return original, paths.unflatten(converted)
+
+
+def base_model_name(model_config) -> str:
+    """The base model as an adapter's `base_model_name_or_path`: a preset's Hugging Face name,
+    or the absolute path of `model.path`."""
+    from lorax_ft.models.presets import PRESETS
+
+    if model_config.preset:
+        return PRESETS[model_config.preset].hub_id
+    return os.path.abspath(model_config.path)

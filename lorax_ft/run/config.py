@@ -25,7 +25,7 @@ from lorax_ft.models.lora_targets import lora_targets
 from lorax_ft.parallel import mesh as mesh_lib
 from lorax_ft.parallel import sharding
 from lorax_ft.training import optim
-from lorax_ft.transform.spec import FULL_FINETUNE, LoRA, Spec, Train
+from lorax_ft.transform.spec import FULL_FINETUNE, Freeze, LoRA, Spec, SpecError, Train, parse_init
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -39,7 +39,6 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "peft.mode": ("lora", "full"),
-    "peft.init": ("kaiming", "gaussian"),
     "optim.name": optim.OPTIMIZERS,
     "schedule.name": optim.SCHEDULES,
     "train.on_nonfinite": ("stop", "skip"),
@@ -109,9 +108,21 @@ def default_config() -> ConfigDict:
             "rank": 8,
             "alpha": 16.0,
             "dropout": 0.0,
+            # kaiming or gaussian; or pissa, pissa_niter_<N>, olora: the factors start at a
+            # rank-r part of each kernel and the base becomes the residual (PEFT's inits).
             "init": "kaiming",
             "rslora": False,
+            "dora": False,  # DoRA: a learned magnitude per output feature (PEFT's use_dora)
             "train": "",  # regex of leaves trained fully in LoRA mode (a new head, say)
+            # Ordered (regex or preset, action) rules before the shorthand above, first match
+            # wins: the action is "train", "freeze" or a dict of LoRA settings (rank, alpha,
+            # dropout, init, rslora, dora); settings it leaves out come from the keys above.
+            # E.g. (("attention-qv", {"rank": 16}),) with targets="all-linear", rank=4: rank
+            # 16 on q and v and 4 elsewhere (PEFT's rank_pattern/alpha_pattern).
+            "rules": (),
+            # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start
+            # from instead of fresh factors; it must fit the settings above exactly.
+            "init_from": "",
         }
     )
     config.optim = optim.default_optim_config()
@@ -171,9 +182,25 @@ def validate(config: ConfigDict, num_devices: int | None = None, process_count: 
         value = config.data.get(key)
         if value and not os.path.exists(value):
             raise ConfigError(f"data.{key}={value!r} does not exist")
+    try:
+        parse_init(config.peft.init)
+    except SpecError as e:
+        raise ConfigError(f"peft.init={config.peft.init!r}: {e}") from None
+    init_from = config.peft.init_from
+    if init_from and not os.path.isfile(os.path.join(init_from, "adapter_config.json")):
+        raise ConfigError(
+            f"peft.init_from={init_from!r} is not a PEFT adapter directory (no adapter_config.json)"
+        )
+    if init_from and config.peft.mode != "lora":
+        raise ConfigError("peft.init_from starts adapters: it needs peft.mode='lora'")
     for key, bounds in RANGES.items():
         section, name = key.split(".")
         _check_range(key, config[section][name], *bounds)
+    _check_rules(config.peft.rules)
+    if config.peft.mode == "lora" and not (config.peft.targets or config.peft.rules):
+        raise ConfigError(
+            "peft.mode='lora' adapts nothing: set peft.targets (a preset or a regex) or peft.rules"
+        )
     for key in ("lr_mults", "wd_mults"):
         for index, rule in enumerate(config.optim[key]):
             if not _is_multiplier_rule(rule):
@@ -339,18 +366,72 @@ def shrink_to_tiny(config: ConfigDict, *, max_length: int, steps: int) -> None:
 TARGET_PRESETS = ("attention-qv", "attention-all", "all-linear")
 
 
+LORA_SETTINGS = ("rank", "alpha", "dropout", "init", "rslora", "dora")
+"""The keys of a `peft.rules` LoRA action; each defaults to the peft key of the same name."""
+
+
 def peft_spec(peft: ConfigDict, model_config: Any) -> Spec:
-    """The `Spec` a peft section describes; `model_config` resolves target presets."""
+    """The `Spec` a peft section describes; `model_config` resolves target presets.
+
+    The rules of `peft.rules` come first, in order, then the shorthand: `targets` adapted with
+    `rank`, `alpha`, ... and `train` trained fully. A preset in a rule stands for its patterns.
+    """
     if peft.mode == "full":
         return FULL_FINETUNE
-    action = LoRA(
-        rank=peft.rank, alpha=peft.alpha, init=peft.init, rslora=peft.rslora, dropout=peft.dropout
-    )
-    if peft.targets in TARGET_PRESETS:
-        targets = lora_targets(model_config, peft.targets)
-    else:
-        targets = (peft.targets,)
-    rules = [(pattern, action) for pattern in targets]
+    rules = []
+    for index, (target, action) in enumerate(peft.rules):
+        where = f"peft.rules[{index}]"
+        for pattern in _patterns(target, model_config):
+            rules.append((pattern, _rule_action(action, peft, where)))
+    if peft.targets:
+        shorthand = _rule_action({}, peft, "peft")
+        rules += [(pattern, shorthand) for pattern in _patterns(peft.targets, model_config)]
     if peft.train:
         rules.append((peft.train, Train()))
-    return Spec(rules)
+    try:
+        return Spec(rules)
+    except SpecError as e:
+        raise ConfigError(f"peft: {e}") from None
+
+
+def _patterns(target: str, model_config: Any) -> tuple[str, ...]:
+    if target in TARGET_PRESETS:
+        return lora_targets(model_config, target)
+    return (target,)
+
+
+def _rule_action(action, peft: ConfigDict, where: str):
+    if action in ("train", "freeze"):
+        return Train() if action == "train" else Freeze()
+    settings = {key: peft[key] for key in LORA_SETTINGS}
+    settings.update(action)
+    try:
+        return LoRA(**settings)
+    except SpecError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_rules(rules) -> None:
+    """One line naming `peft.rules[i]` for a rule that is not (regex or preset, action)."""
+    if not isinstance(rules, tuple | list):
+        raise ConfigError(f"peft.rules must be a list of (regex or preset, action), got {rules!r}")
+    for index, rule in enumerate(rules):
+        where = f"peft.rules[{index}]={rule!r}"
+        if not (isinstance(rule, tuple | list) and len(rule) == 2 and _is_regex(rule[0])):
+            raise ConfigError(
+                f"{where} must be (regex or preset, action), e.g. ('attention-qv', "
+                "{'rank': 16}) or ('.*/norm/.*', 'train')"
+            )
+        action = rule[1]
+        if isinstance(action, str):
+            if action not in ("train", "freeze"):
+                raise ConfigError(f"{where}: action must be 'train', 'freeze' or a dict")
+        elif not isinstance(action, dict | ConfigDict):
+            raise ConfigError(f"{where}: action must be 'train', 'freeze' or a dict")
+        else:
+            unknown = sorted(set(action) - set(LORA_SETTINGS))
+            if unknown:
+                raise ConfigError(
+                    f"{where}: unknown LoRA setting {unknown[0]!r}; valid: "
+                    + ", ".join(LORA_SETTINGS)
+                )

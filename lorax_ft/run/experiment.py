@@ -30,9 +30,10 @@ from lorax_ft.parallel import sharded_step, sharding
 from lorax_ft.run import config as config_lib
 from lorax_ft.run import tasks
 from lorax_ft.run.checkpointing import fingerprint
+from lorax_ft.run.init_from import initial_values
 from lorax_ft.training import optim
 from lorax_ft.training.train_step import TrainState
-from lorax_ft.transform import lora
+from lorax_ft.transform import lora, paths
 from lorax_ft.transform.factored import factored, infer_layouts
 from lorax_ft.transform.partition import variable_labels
 from lorax_ft.transform.spec import Spec
@@ -81,17 +82,28 @@ def build(config, *, read_weights: bool = True, mode: str | None = None) -> Expe
             abstract_params(module), mesh, logical_axes=logical_axes(module), **rules
         )
 
-    num_labels = _num_labels(config.data) if config.model.task == "classification" else None
+    num_labels = num_labels_of(config)
     task = tasks.build(config, num_labels, place=place, read_weights=read_weights)
     spec = config_lib.peft_spec(config.peft, task.model_config)
     layouts = infer_layouts(task.module, task.params, *task.example_inputs)
 
-    def init_variables(key, params):
-        return {"params": params, "lora": lora.init(key, params, spec, layouts)}
+    def fresh_variables(key, params):
+        # PiSSA/OLoRA inits also change the base: its kernels become the residuals.
+        params, adapters = lora.initialize(key, params, spec, layouts)
+        return {"params": params, "lora": adapters}
 
     rng = jax.random.key(config.train.seed)
-    args = (jax.random.fold_in(rng, 1), task.params)
-    adapters = jax.eval_shape(init_variables, *args)["lora"]
+    args = (adapter_key(config), task.params)
+    adapters = jax.eval_shape(fresh_variables, *args)["lora"]
+    init_variables = fresh_variables
+    if config.peft.init_from and read_weights:
+        start = initial_values(config.peft.init_from, task.module, task.params, adapters, spec)
+
+        def init_variables(key, params):
+            variables = fresh_variables(key, params)
+            params, adapters = start(variables["params"], variables["lora"])
+            return {"params": params, "lora": adapters}
+
     labels = variable_labels(task.params, adapters, spec)
     tx = optim.make_optimizer(config, labels)
     # The params already sit in (or, as shapes, carry) their shardings; the factors follow them.
@@ -114,6 +126,12 @@ def build(config, *, read_weights: bool = True, mode: str | None = None) -> Expe
             init_variables, *args, donate_args=True, **options
         )
         task = dataclasses.replace(task, params=shapes)
+        residuals = [p for p, a in spec.lora_targets(shapes).items() if a.changes_base]
+        if residuals:
+            # PiSSA/OLoRA: the frozen base is the residual the run computed from the loaded
+            # base; a resume (or eval, export) must compute the same one.
+            flat = paths.flatten(state.variables["params"])
+            base += "+residual:" + fingerprint({p: flat[p] for p in residuals})
     else:
         state, shardings = sharded_step.abstract_train_state(init_variables, *args, **options)
 
@@ -135,6 +153,11 @@ def build(config, *, read_weights: bool = True, mode: str | None = None) -> Expe
     )  # fmt: skip
 
 
+def adapter_key(config) -> jax.Array:
+    """The PRNG key of the adapters' initialisation (the same on every rebuild of a run)."""
+    return jax.random.fold_in(jax.random.key(config.train.seed), 1)
+
+
 def placement_rules(config) -> dict[str, Any]:
     """`sharding.param_specs` keyword arguments from the config's `sharding` section."""
     return {
@@ -147,6 +170,9 @@ def _shape_of(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
-def _num_labels(data_config) -> int:
+def num_labels_of(config) -> int | None:
+    """The classes of a classification task (None for a causal LM)."""
+    if config.model.task != "classification":
+        return None
     # The mapping the pipelines use, so the head has exactly one output per label id.
-    return len(data.label_ids(data_config))
+    return len(data.label_ids(config.data))

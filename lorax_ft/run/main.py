@@ -2,8 +2,10 @@
 
 lorax-ft train --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --config.peft.rank=16
 lorax-ft eval --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc
+lorax-ft eval --config=configs/bbc_minilm.py:lora --adapters=/tmp/adapter,none
 lorax-ft generate --config=configs/smollm2_chatterbot.py --workdir=/tmp/chat --prompt="Hi!"
-lorax-ft export --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --export_dir=/tmp/hf
+lorax-ft export --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --export_dir=/tmp/adapter
+lorax-ft export --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --export_dir=/tmp/hf --merged
 lorax-ft plan --config=configs/bbc_minilm.py:lora --simulate_devices=16 --config.mesh.fsdp=-1 ...
 
 `--config=FILE[:arg]` is any Python file with `get_config(arg)`, relative to the current
@@ -33,8 +35,17 @@ _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export: the directory to 
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "export: replace an earlier export of lorax-ft at --export_dir."
 )
-_ADAPTERS_ONLY = flags.DEFINE_bool(
-    "adapters_only", False, "export: write the LoRA adapters alone (safetensors), not the model."
+_MERGED = flags.DEFINE_bool(
+    "merged",
+    False,
+    "export: write the merged Hugging Face model, not the PEFT adapter directory (full "
+    "fine-tuning always writes the model).",
+)
+_ADAPTERS = flags.DEFINE_list(
+    "adapters",
+    [],
+    "eval/generate: PEFT adapter directories (none: the base model) to use instead of the "
+    "workdir's checkpoint, each reported on its own.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "train/eval on several hosts: HOST:PORT of process 0."
@@ -54,7 +65,9 @@ def main(argv) -> None:
     command = argv[1]
     if "config" not in flags.FLAGS:
         _usage_error("--config=FILE[:arg] is required, e.g. --config=configs/bbc_minilm.py:lora")
-    if not _WORKDIR.value and command != "plan":
+    if _ADAPTERS.value and command not in ("eval", "generate"):
+        _usage_error("--adapters=DIR[,DIR...] is for eval and generate")
+    if not _WORKDIR.value and command != "plan" and not _ADAPTERS.value:
         _usage_error("--workdir=DIR is required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
@@ -73,7 +86,7 @@ def main(argv) -> None:
 
     config, workdir = flags.FLAGS.config, _WORKDIR.value
     try:
-        if command != "plan":
+        if command != "plan" and not _ADAPTERS.value:
             check_workdir(workdir, writing=command == "train")
         if command in MULTI_HOST_COMMANDS:
             from lorax_ft.parallel import distributed
@@ -88,15 +101,17 @@ def main(argv) -> None:
             from lorax_ft.run.trainer import train_and_evaluate
 
             summary = train_and_evaluate(config, workdir)
+        elif command == "eval" and _ADAPTERS.value:
+            summary = commands.evaluate_adapters(config, _ADAPTERS.value)
         elif command == "eval":
             summary = commands.evaluate_checkpoint(config, workdir)
         elif command == "generate":
-            summary = commands.generate(config, workdir, _PROMPT.value)
+            summary = commands.generate(config, workdir, _PROMPT.value, _ADAPTERS.value)
         else:
             if not _EXPORT_DIR.value:
                 raise UserError("export needs --export_dir=DIR")
             summary = commands.export(
-                config, workdir, _EXPORT_DIR.value, _ADAPTERS_ONLY.value, _OVERWRITE.value
+                config, workdir, _EXPORT_DIR.value, _MERGED.value, _OVERWRITE.value
             )
     except commands.USER_ERRORS as e:
         # Bad input is one clear line, not a traceback.

@@ -26,7 +26,7 @@ from lorax_ft.errors import UserError
 RESUME_KEYS = (
     "model.preset", "model.task", "model.param_dtype", "model.scan_layers",
     "model.classifier_pooling", "peft.mode", "peft.targets", "peft.rank", "peft.alpha",
-    "peft.rslora", "peft.init", "peft.train", "train.seed",
+    "peft.rslora", "peft.dora", "peft.init", "peft.train", "peft.rules", "train.seed",
 )  # fmt: skip
 """Config keys a checkpoint's trainables depend on: a resume that changes one is another run.
 
