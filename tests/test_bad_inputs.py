@@ -79,6 +79,9 @@ def files(tmp_path_factory):
     (d / "not_json.jsonl").write_text('{"text": "a", "label": "x"}\n{not json\n')
     (d / "no_label.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
     (d / "empty.jsonl").write_text("")
+    (d / "bad_adapter").mkdir()  # a PEFT directory of another method
+    (d / "bad_adapter" / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    (d / "bad_adapter" / "adapter_model.safetensors").write_bytes(b"")
     (d / "gaps.jsonl").write_text(
         "".join(f'{{"text": "t{i}", "label": {5 * (i % 2)}}}\n' for i in range(40))
     )
@@ -271,7 +274,27 @@ CASES = [
     ("targets_bad_regex", override("peft.targets=(q"), ["(q"]),
     ("train_regex_matches_nothing", override("peft.train=head/.*"), ["head/.*"]),
     ("lora_on_a_bias", override("peft.targets=.*/query/bias"), ["bias"]),
+    ("rules_match_nothing", override("peft.rules=(('.*/no_such/kernel', {'rank': 4}),)"),
+     ["no_such"]),
+    ("rules_bad_rank", override("peft.rules=(('attention-qv', {'rank': 0}),)"),
+     ["peft.rules[0]", "rank"]),
+    ("rules_unknown_setting", override("peft.rules=(('attention-qv', {'rnk': 4}),)"),
+     ["peft.rules[0]", "rnk"]),
+    ("rules_bad_action", override("peft.rules=(('attention-qv', 'adapt'),)"), ["peft.rules[0]"]),
+    ("init_typo", override("peft.init=pisa"), ["peft.init='pisa'", "pissa_niter_<N>"]),
+    ("dora_with_dropout", ("train", f"--config={TINY}", "--config.peft.dora=True",
+     "--config.peft.dropout=0.1"), ["dora", "dropout"]),
+    ("init_from_not_an_adapter", override("peft.init_from=__FILES__"), ["peft.init_from"]),
+    ("init_from_another_method", override("peft.init_from=__FILES__/bad_adapter"),
+     ["bad_adapter"]),
     # --- workdirs and the other commands
+    ("adapters_on_train", ("train", f"--config={TINY}", "--adapters=__FILES__"), ["--adapters"]),
+    ("eval_adapters_not_an_adapter", ("eval", f"--config={TINY}", "--adapters=__FILES__/a_dir.py"),
+     ["--adapters", "a_dir.py"]),
+    ("eval_adapters_another_method", ("eval", f"--config={TINY}",
+     "--adapters=__FILES__/bad_adapter"), ["bad_adapter"]),
+    ("export_adapters_only_is_gone", ("export", f"--config={TINY}", "--export_dir=__FILES__/x",
+     "--adapters_only"), ["adapters_only"]),
     ("workdir_is_a_file", ("train", f"--config={TINY}", "--workdir=__FILES__/a_file"),
      ["a_file", "not a directory"]),
     ("eval_without_workdir", ("eval", f"--config={TINY}", "--workdir=__FILES__/none"),
@@ -308,6 +331,15 @@ def test_bad_input_is_one_line_and_changes_nothing(args, expect, workdir, files)
     result = forked(*args)
     assert_refused(result, *expect)
     assert {"workdir": tree_digest(workdir), "files": tree_digest(files)} == before
+
+
+def test_a_refused_train_leaves_no_workdir_behind_that_it_created(tmp_path):
+    """A config that fails while the run is built (a rule matching nothing) is refused after
+    the workdir lock was taken: the new workdir, holding only the lock file, goes again."""
+    target = tmp_path / "new_run"
+    rule = "--config.peft.rules=(('.*/no_such/kernel', {'rank': 4}),)"
+    assert_refused(forked("train", f"--config={TINY}", f"--workdir={target}", rule), "no_such")
+    assert not target.exists() and os.listdir(tmp_path) == []
 
 
 def test_read_only_workdir_is_refused(workdir, tmp_path):

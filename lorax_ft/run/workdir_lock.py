@@ -64,8 +64,22 @@ def exclusive(workdir: str | os.PathLike):
 
 @contextlib.contextmanager
 def _flock(workdir: str | os.PathLike):
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
+    try:
+        with _locked(workdir, path):
+            yield
+    finally:
+        # A run refused before it wrote anything (a config that fails to build) leaves no
+        # workdir behind that it created itself.
+        if created and os.listdir(workdir) == [LOCK_FILE]:
+            os.remove(path)
+            os.rmdir(workdir)
+
+
+@contextlib.contextmanager
+def _locked(workdir: str | os.PathLike, path: str):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -110,6 +110,7 @@ def load_peft(directory: str, module: Any, params: Any) -> LoadedAdapters:
     >>> loaded = load_peft("/tmp/adapter", module, params)        # doctest: +SKIP
     >>> logits = factored(module)(params, loaded.adapters, ids)   # doctest: +SKIP
     """
+    _read_config(directory)  # what the directory is, before what it would hold for this model
     if not isinstance(module, BertForSequenceClassification):
         return _load(directory, module, params)
     try:
@@ -201,6 +202,19 @@ def _load(directory: str, module: Any, params: Any, task_type: str | None = None
 
 
 def _read(directory: str) -> tuple[dict, dict]:
+    config = _read_config(directory)
+    weights_file = os.path.join(directory, WEIGHTS_NAME)
+    try:
+        # "flax" rather than "numpy": numpy cannot hold bfloat16 tensors.
+        with safe_open(weights_file, framework="flax") as f:
+            tensors = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise PeftFormatError(f"{weights_file} is not a readable safetensors file ({e})") from None
+    return config, tensors
+
+
+def _read_config(directory: str) -> dict:
+    """The adapter's config, once the directory is found to hold a LoRA adapter lorax_ft reads."""
     config_file = os.path.join(directory, CONFIG_NAME)
     weights_file = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(config_file):
@@ -231,13 +245,7 @@ def _read(directory: str) -> tuple[dict, dict]:
             f"{config_file}: init_lora_weights={config['init_lora_weights']!r} rewrites the base "
             "weights when PEFT loads it; not supported by lorax_ft"
         )
-    try:
-        # "flax" rather than "numpy": numpy cannot hold bfloat16 tensors.
-        with safe_open(weights_file, framework="flax") as f:
-            tensors = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise PeftFormatError(f"{weights_file} is not a readable safetensors file ({e})") from None
-    return config, tensors
+    return config
 
 
 _LORA_SUFFIXES = {
