@@ -342,6 +342,8 @@ def test_dora_magnitude_round_trip(tmp_path):
     dora = _logits(direct)
     assert np.abs(dora - _logits(_hf(module, params, tmp_path / "plain"))).max() > 0.1
     assert_close(loaded_by_peft, dora, tol=TOL)
+    # lorax_ft's own DoRA forward (computed factored) on the same adapters, and on the loaded.
+    assert_close(_lorax_logits(module, params, adapters), dora, tol=TOL)
     # And back: the magnitudes PEFT wrote come back as they were.
     direct.save_pretrained(tmp_path / "from_peft")
     loaded = load_peft(str(tmp_path / "from_peft"), module, params)
@@ -349,6 +351,7 @@ def test_dora_magnitude_round_trip(tmp_path):
         assert loaded.info[path].dora and loaded.spec().lora_targets(params)[path].dora
         np.testing.assert_array_equal(f.magnitude, _flat_factors(adapters)[path].magnitude)
         np.testing.assert_array_equal(f.a, _flat_factors(adapters)[path].a)
+    assert_close(_lorax_logits(module, params, loaded.adapters), dora, tol=TOL)
 
 
 def _flat_factors(adapters):
