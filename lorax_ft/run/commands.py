@@ -13,6 +13,7 @@ from lorax_ft.run.completions import generate_texts, merged_params
 from lorax_ft.run.export_target import check_target, replace_directory
 from lorax_ft.run.resume import resume_config
 from lorax_ft.transform import paths
+from lorax_ft.transform.partition import split, variable_labels
 
 USER_ERRORS = (UserError, FileNotFoundError, ValueError)
 
@@ -47,17 +48,73 @@ def evaluate_checkpoint(config, workdir) -> dict:
     return {"step": int(state.step), **evaluate(experiment, state)}
 
 
-def evaluate_adapters(config, directories) -> dict:
-    """Eval metrics of the base model with each PEFT adapter directory (`none`: no adapter)."""
+def evaluate_adapters(config, directories, combination=None) -> dict:
+    """Eval metrics of the base model with each PEFT adapter directory (`none`: no adapter),
+    or (`combination`, see `combined_state`) with their weighted combination."""
     from lorax_ft.run.trainer import evaluate
 
     experiment = _check_adapters_then_build(config, directories)
     return {
         "adapters": {
-            name: evaluate(experiment, state)
-            for name, state in adapter_states(experiment, directories)
+            name: {**evaluate(experiment, state), **extra}
+            for name, state, extra in _states(experiment, directories, combination)
         }
     }
+
+
+def _states(experiment, directories, combination):
+    """`(name, state, extra report)` of each adapter, or of their one combination."""
+    if combination is None:
+        for name, state in adapter_states(experiment, directories):
+            yield name, state, {}
+        return
+    yield combined_state(experiment, directories, *combination)
+
+
+def combined_state(experiment, directories, method: str, weights, rank=None):
+    """`(name, state, report)`: the base with PEFT's `add_weighted_adapter` of the adapters of
+    `directories` (`lorax_ft.transform.combine`) merged into its kernels.
+
+    The report holds the combination's largest relative error against the exact weighted sum
+    of the deltas (0 for `cat`; `svd` truncates to `rank`; `linear` adds cross terms). The
+    adapters must agree on every leaf they train fully (a classifier head, say): only their
+    LoRA factors are combined.
+    """
+    from lorax_ft.transform import lora
+    from lorax_ft.transform.combine import combine
+
+    if len(weights) != len(directories) or "none" in directories:
+        raise UserError(
+            f"--combine needs one weight per adapter directory (--weights), and no 'none': "
+            f"got {len(directories)} directories and {len(weights)} weights"
+        )
+    states = [state for _, state in adapter_states(experiment, directories)]
+    first = jax.device_get(states[0].trainable["params"])
+    for directory, state in zip(directories[1:], states[1:], strict=True):
+        other = jax.device_get(state.trainable["params"])
+        differ = [p for p, x in paths.flatten(first).items()
+                  if not (x == paths.flatten(other)[p]).all()]  # fmt: skip
+        if differ:
+            raise UserError(
+                f"--combine: {directory} trains {differ[0]} to other values than "
+                f"{directories[0]}; only adapters that share their fully trained leaves combine"
+            )
+    try:
+        combined, report = combine(
+            [s.variables["lora"] for s in states], weights, method, rank=rank
+        )
+    except ValueError as e:
+        raise UserError(f"--combine={method}: {e}") from None
+    variables = states[0].variables
+    merged = lora.merge(variables["params"], combined)
+    fresh = experiment.state.variables["lora"]  # B = 0: nothing added on top of the merge
+    labels = _labels(experiment, fresh)
+    frozen, trainable = split({"params": merged, "lora": fresh}, labels)
+    state = states[0].replace(frozen=frozen, trainable=trainable)
+    parts = (f"{w:g}*{d}" for d, w in zip(directories, weights, strict=True))
+    name = f"{method}({', '.join(parts)})"
+    error = max((float(e.max()) for e in report.values()), default=0.0)
+    return name, jax.device_put(state, experiment.shardings), {"combination_error": error}
 
 
 def adapter_states(experiment, directories):
@@ -65,11 +122,10 @@ def adapter_states(experiment, directories):
     step-0 state (each must fit the config, see `init_from`); `none` is the fresh state, whose
     adapters change nothing (B = 0, or DoRA's magnitude ‖W‖)."""
     from lorax_ft.run.init_from import initial_values
-    from lorax_ft.transform.partition import split, variable_labels
 
     fresh = experiment.state
     variables = fresh.variables
-    labels = variable_labels(experiment.task.params, variables["lora"], experiment.spec)
+    labels = _labels(experiment, variables["lora"])
     for directory in directories:
         if directory == "none":
             yield directory, fresh
@@ -82,6 +138,10 @@ def adapter_states(experiment, directories):
         frozen, trainable = split({"params": params, "lora": adapters}, labels)
         state = fresh.replace(frozen=frozen, trainable=trainable)
         yield directory, jax.device_put(state, experiment.shardings)
+
+
+def _labels(experiment, adapters):
+    return variable_labels(experiment.task.params, adapters, experiment.spec)
 
 
 def _check_adapters_then_build(config, directories):
@@ -98,9 +158,9 @@ def _check_adapters_then_build(config, directories):
     return build(config)
 
 
-def generate(config, workdir, prompts, adapters=()) -> dict:
+def generate(config, workdir, prompts, adapters=(), combination=None) -> dict:
     """Greedy completions of `prompts` by the newest checkpoint of `workdir`, or (`adapters`)
-    by the base model with each PEFT adapter directory."""
+    by the base model with each PEFT adapter directory, or with their `combination`."""
     from lorax_ft.run.trainer import generation_prompt
 
     if config.model.task != "causal_lm":
@@ -117,8 +177,8 @@ def generate(config, workdir, prompts, adapters=()) -> dict:
 
     if adapters:
         experiment = _check_adapters_then_build(config, adapters)
-        states = adapter_states(experiment, adapters)
-        return {"adapters": {name: complete(experiment.task, s) for name, s in states}}
+        states = _states(experiment, adapters, combination)
+        return {"adapters": {name: complete(experiment.task, s) for name, s, _ in states}}
     experiment = restore(config, workdir)
     return {
         "step": int(experiment.state.step),

@@ -3,6 +3,8 @@
 lorax-ft train --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --config.peft.rank=16
 lorax-ft eval --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc
 lorax-ft eval --config=configs/bbc_minilm.py:lora --adapters=/tmp/adapter,none
+lorax-ft generate --config=configs/smollm2_shakespeare.py --adapters=/tmp/a,/tmp/b --combine=cat \
+    --weights=0.5,0.5 --prompt="To be"
 lorax-ft generate --config=configs/smollm2_chatterbot.py --workdir=/tmp/chat --prompt="Hi!"
 lorax-ft export --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --export_dir=/tmp/adapter
 lorax-ft export --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --export_dir=/tmp/hf --merged
@@ -47,6 +49,15 @@ _ADAPTERS = flags.DEFINE_list(
     "eval/generate: PEFT adapter directories (none: the base model) to use instead of the "
     "workdir's checkpoint, each reported on its own.",
 )
+_COMBINE = flags.DEFINE_enum(
+    "combine",
+    None,
+    ["linear", "cat", "svd"],
+    "eval/generate: one adapter from the --adapters, weighted by --weights (PEFT's "
+    "add_weighted_adapter: cat exact, svd truncated to --combine_rank, linear approximate).",
+)
+_WEIGHTS = flags.DEFINE_list("weights", [], "--combine: one weight per adapter directory.")
+_COMBINE_RANK = flags.DEFINE_integer("combine_rank", None, "--combine=svd: the rank kept.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "train/eval on several hosts: HOST:PORT of process 0."
 )
@@ -67,6 +78,7 @@ def main(argv) -> None:
         _usage_error("--config=FILE[:arg] is required, e.g. --config=configs/bbc_minilm.py:lora")
     if _ADAPTERS.value and command not in ("eval", "generate"):
         _usage_error("--adapters=DIR[,DIR...] is for eval and generate")
+    combination = _combination()
     if not _WORKDIR.value and command != "plan" and not _ADAPTERS.value:
         _usage_error("--workdir=DIR is required")
     if not flags.FLAGS["verbosity"].present:
@@ -102,11 +114,13 @@ def main(argv) -> None:
 
             summary = train_and_evaluate(config, workdir)
         elif command == "eval" and _ADAPTERS.value:
-            summary = commands.evaluate_adapters(config, _ADAPTERS.value)
+            summary = commands.evaluate_adapters(config, _ADAPTERS.value, combination)
         elif command == "eval":
             summary = commands.evaluate_checkpoint(config, workdir)
         elif command == "generate":
-            summary = commands.generate(config, workdir, _PROMPT.value, _ADAPTERS.value)
+            summary = commands.generate(
+                config, workdir, _PROMPT.value, _ADAPTERS.value, combination
+            )
         else:
             if not _EXPORT_DIR.value:
                 raise UserError("export needs --export_dir=DIR")
@@ -118,6 +132,23 @@ def main(argv) -> None:
         print(f"lorax-ft {command}: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(summary, default=str))
+
+
+def _combination() -> tuple | None:
+    """(method, weights, rank) of --combine, checked; None without it."""
+    if _COMBINE.value is None:
+        if _WEIGHTS.value or _COMBINE_RANK.value is not None:
+            _usage_error("--weights and --combine_rank go with --combine=linear|cat|svd")
+        return None
+    if not _ADAPTERS.value:
+        _usage_error("--combine combines the adapter directories of --adapters=DIR,DIR,...")
+    try:
+        weights = [float(w) for w in _WEIGHTS.value]
+    except ValueError:
+        _usage_error(f"--weights={','.join(_WEIGHTS.value)}: give one number per adapter")
+    if _COMBINE_RANK.value is not None and _COMBINE.value != "svd":
+        _usage_error("--combine_rank is the rank --combine=svd keeps")
+    return _COMBINE.value, weights, _COMBINE_RANK.value
 
 
 def check_workdir(workdir: str, *, writing: bool) -> None:
