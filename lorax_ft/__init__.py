@@ -5,8 +5,10 @@ from lorax_ft.training import optim
 from lorax_ft.training.train_step import TrainState, init_state, make_train_step
 from lorax_ft.transform import lora, partition, paths
 from lorax_ft.transform.adapt import Adapted, adapt
+from lorax_ft.transform.combine import combine_adapters
 from lorax_ft.transform.factored import factored, infer_layouts, model_state, nnx_params
 from lorax_ft.transform.lora import Factors, KernelLayout
+from lorax_ft.transform.mixed import MixedFactors, mixed_adapters
 from lorax_ft.transform.partition import combine, split, variable_labels
 from lorax_ft.transform.spec import FULL_FINETUNE, Freeze, LoRA, Spec, SpecError, Train
 
@@ -17,18 +19,21 @@ __all__ = [
     "Freeze",
     "KernelLayout",
     "LoRA",
+    "MixedFactors",
     "Spec",
     "SpecError",
     "Train",
     "TrainState",
     "adapt",
     "combine",
+    "combine_adapters",
     "factored",
     "infer_layouts",
     "init_state",
     "lora",
     "make_train_step",
     "mesh",
+    "mixed_adapters",
     "model_state",
     "nnx_params",
     "optim",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lorax_ft.transform.combine import combine
+from lorax_ft.transform.combine import combine_adapters
 from lorax_ft.transform.lora import Factors
 from tests.tolerance import assert_close
 
@@ -99,7 +99,7 @@ def test_matches_peft(method, ranks, svd_rank):
     adapters = [_random_adapter(rng, r, alpha) for r, alpha in zip(ranks, alphas, strict=True)]
     configs = [_config(r, alpha) for r, alpha in zip(ranks, alphas, strict=True)]
     want, scaling = _peft_combine(adapters, configs, WEIGHTS, method, svd_rank)
-    got, report = combine(adapters, WEIGHTS, method, rank=svd_rank)
+    got, report = combine_adapters(adapters, WEIGHTS, method, rank=svd_rank)
     # PEFT: lora_alpha = r for the new adapter, scales folded into the factors.
     assert scaling == 1.0
     expected_rank = {"linear": 3, "cat": 5, "svd": svd_rank or max(ranks)}[method]
@@ -120,7 +120,7 @@ def test_cat_is_the_exact_weighted_sum():
     rng = np.random.default_rng(1)
     adapters = [_random_adapter(rng, 2, 4), _random_adapter(rng, 3, 3), _random_adapter(rng, 1, 2)]
     weights = [0.5, -1.5, 2.0]
-    got, report = combine(adapters, weights, "cat")
+    got, report = combine_adapters(adapters, weights, "cat")
     for name in SHAPES:
         assert got[name]["kernel"].rank == 6
         exact = _exact(adapters, weights, name)
@@ -132,7 +132,7 @@ def test_cat_is_the_exact_weighted_sum():
 def test_svd_error_from_the_singular_values_left_out(rank):
     rng = np.random.default_rng(2)
     adapters = [_random_adapter(rng, 2, 4), _random_adapter(rng, 3, 6)]
-    got, report = combine(adapters, WEIGHTS, "svd", rank=rank)
+    got, report = combine_adapters(adapters, WEIGHTS, "svd", rank=rank)
     for name in SHAPES:
         exact = _exact(adapters, WEIGHTS, name)
         s = np.linalg.svd(exact, compute_uv=False)
@@ -142,7 +142,7 @@ def test_svd_error_from_the_singular_values_left_out(rank):
         np.testing.assert_allclose(float(report[f"{name}/kernel"]), from_singular_values, rtol=1e-4)
         np.testing.assert_allclose(direct, from_singular_values, rtol=1e-4)
     # At the full rank of ΔW (2 + 3) nothing is left out.
-    _, full = combine(adapters, WEIGHTS, "svd", rank=5)
+    _, full = combine_adapters(adapters, WEIGHTS, "svd", rank=5)
     for name in SHAPES:
         assert float(full[f"{name}/kernel"]) < 1e-3
 
@@ -150,7 +150,7 @@ def test_svd_error_from_the_singular_values_left_out(rank):
 def test_linear_error_is_the_cross_terms():
     rng = np.random.default_rng(3)
     adapters = [_random_adapter(rng, 3, 4), _random_adapter(rng, 3, 6)]
-    got, report = combine(adapters, WEIGHTS, "linear")
+    got, report = combine_adapters(adapters, WEIGHTS, "linear")
     for name in SHAPES:
         exact = _exact(adapters, WEIGHTS, name)
         error = np.linalg.norm(_delta(got[name]["kernel"]) - exact) / np.linalg.norm(exact)
@@ -158,7 +158,7 @@ def test_linear_error_is_the_cross_terms():
         np.testing.assert_allclose(float(report[f"{name}/kernel"]), error, rtol=1e-4)
 
     # Exact for one adapter (weights and scale folded into the factors) ...
-    single, single_report = combine(adapters[:1], [-0.7], "linear")
+    single, single_report = combine_adapters(adapters[:1], [-0.7], "linear")
     for name in SHAPES:
         assert_close(_delta(single[name]["kernel"]), _exact(adapters[:1], [-0.7], name), tol=1e-5)
         assert float(single_report[f"{name}/kernel"]) < 1e-6
@@ -172,7 +172,7 @@ def test_linear_error_is_the_cross_terms():
             mask[keep] = 1
             tree[name] = {"kernel": Factors(f.a * mask, f.b * mask[:, None], scale=f.scale)}
         slots.append(tree)
-    disjoint, disjoint_report = combine(slots, WEIGHTS, "linear")
+    disjoint, disjoint_report = combine_adapters(slots, WEIGHTS, "linear")
     for name in SHAPES:
         assert_close(_delta(disjoint[name]["kernel"]), _exact(slots, WEIGHTS, name), tol=1e-5)
         assert float(disjoint_report[f"{name}/kernel"]) < 1e-6
@@ -184,11 +184,11 @@ def test_linear_error_is_the_cross_terms():
 def test_stacked_equals_per_layer(method, ranks):
     rng = np.random.default_rng(4)
     stacked = [_random_adapter(rng, r, 2 * r, stack=(3,)) for r in ranks]
-    got, report = combine(stacked, WEIGHTS, method)
+    got, report = combine_adapters(stacked, WEIGHTS, method)
     for layer in range(3):
         # Slicing keeps each Factors' static scale.
         per_layer = [jax.tree.map(lambda x, i=layer: x[i], tree) for tree in stacked]
-        want, want_report = combine(per_layer, WEIGHTS, method)
+        want, want_report = combine_adapters(per_layer, WEIGHTS, method)
         for name in SHAPES:
             assert report[f"{name}/kernel"].shape == (3,)
             assert_close(
@@ -207,9 +207,9 @@ def test_stacked_equals_per_layer(method, ranks):
 def test_under_jit():
     rng = np.random.default_rng(5)
     adapters = [_random_adapter(rng, 2, 4), _random_adapter(rng, 3, 6)]
-    jitted = jax.jit(lambda ads: combine(ads, WEIGHTS, "svd", rank=2))
+    jitted = jax.jit(lambda ads: combine_adapters(ads, WEIGHTS, "svd", rank=2))
     got, report = jitted(adapters)
-    want, want_report = combine(adapters, WEIGHTS, "svd", rank=2)
+    want, want_report = combine_adapters(adapters, WEIGHTS, "svd", rank=2)
     for name in SHAPES:
         assert_close(_delta(got[name]["kernel"]), _delta(want[name]["kernel"]), tol=1e-5)
         assert_close(report[f"{name}/kernel"], want_report[f"{name}/kernel"], tol=1e-5)
@@ -224,7 +224,7 @@ def test_rslora_peft_scales_the_combined_delta_by_sqrt_rank():
     configs = [_config(2, 4, rslora=True), _config(3, 6, rslora=True)]
     want, scaling = _peft_combine(adapters, configs, WEIGHTS, "cat")
     assert scaling == pytest.approx(np.sqrt(5))
-    got, _ = combine(adapters, WEIGHTS, "cat")
+    got, _ = combine_adapters(adapters, WEIGHTS, "cat")
     for name in SHAPES:
         exact = _exact(adapters, WEIGHTS, name)
         assert_close(_delta(got[name]["kernel"]), exact, tol=1e-5)
@@ -236,27 +236,27 @@ def test_refusals():
     one, two = _random_adapter(rng, 2, 4), _random_adapter(rng, 3, 6)
     partial = {"q": two["q"]}
     with pytest.raises(ValueError, match="adapter 0 adapts 'v/kernel' but adapter 1 does not"):
-        combine([one, partial], WEIGHTS, "cat")
+        combine_adapters([one, partial], WEIGHTS, "cat")
     with pytest.raises(ValueError, match="adapter 1 adapts 'v/kernel' but adapter 0 does not"):
-        combine([partial, one], WEIGHTS, "cat")
+        combine_adapters([partial, one], WEIGHTS, "cat")
     with pytest.raises(
         ValueError, match=r"'linear' needs equal ranks, 'q/kernel' has ranks \[2, 3\]"
     ):
-        combine([one, two], WEIGHTS, "linear")
+        combine_adapters([one, two], WEIGHTS, "linear")
     with pytest.raises(ValueError, match="2 weights for 3 adapters"):
-        combine([one, two, one], WEIGHTS, "cat")
+        combine_adapters([one, two, one], WEIGHTS, "cat")
     with pytest.raises(ValueError, match="not one of"):
-        combine([one, two], WEIGHTS, "ties")
+        combine_adapters([one, two], WEIGHTS, "ties")
     with pytest.raises(ValueError, match=r"rank 9 for 'q/kernel' must be an int in \[1, 8\]"):
-        combine([one, two], WEIGHTS, "svd", rank=9)
+        combine_adapters([one, two], WEIGHTS, "svd", rank=9)
     with pytest.raises(ValueError, match="is for method 'svd'"):
-        combine([one, two], WEIGHTS, "cat", rank=2)
+        combine_adapters([one, two], WEIGHTS, "cat", rank=2)
     with pytest.raises(ValueError, match="PEFT ignores svd_rank"):
-        combine([two], [1.0], "svd", rank=2)
+        combine_adapters([two], [1.0], "svd", rank=2)
     other = {**two, "v": {"kernel": Factors(jnp.zeros((8, 3)), jnp.zeros((3, 5)))}}
     with pytest.raises(ValueError, match="'v/kernel' has factors"):
-        combine([two, other], WEIGHTS, "cat")
+        combine_adapters([two, other], WEIGHTS, "cat")
     f = one["q"]["kernel"]
     dora = {**one, "q": {"kernel": f.replace(magnitude=jnp.ones(8))}}
     with pytest.raises(ValueError, match="DoRA"):
-        combine([dora, two], WEIGHTS, "cat")
+        combine_adapters([dora, two], WEIGHTS, "cat")

@@ -243,8 +243,16 @@ def test_a_peft_export_evaluates_and_starts_a_run_as_the_checkpoint_it_came_from
     [(name, cat)] = combined.items()
     assert name == f"cat(0.5*{adapter}, 0.5*{adapter})" and cat["combination_error"] == 0.0
     assert cat["eval_loss"] == pytest.approx(checkpoint["eval_loss"], 1e-6)
-    svd = _last_json(lorax_ft("eval", f"--config={TINY}", both, "--combine=svd",
-                              "--weights=0.5,0.2", "--combine_rank=2").stdout)["adapters"]
+    svd = _last_json(
+        lorax_ft(
+            "eval",
+            f"--config={TINY}",
+            both,
+            "--combine=svd",
+            "--weights=0.5,0.2",
+            "--combine_rank=2",
+        ).stdout
+    )["adapters"]
     assert 0.0 < next(iter(svd.values()))["combination_error"] < 1.0  # rank 8 kept as 2
 
     started = _last_json(

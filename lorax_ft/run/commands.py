@@ -81,7 +81,7 @@ def combined_state(experiment, directories, method: str, weights, rank=None):
     LoRA factors are combined.
     """
     from lorax_ft.transform import lora
-    from lorax_ft.transform.combine import combine
+    from lorax_ft.transform.combine import combine_adapters
 
     if len(weights) != len(directories) or "none" in directories:
         raise UserError(
@@ -100,7 +100,7 @@ def combined_state(experiment, directories, method: str, weights, rank=None):
                 f"{directories[0]}; only adapters that share their fully trained leaves combine"
             )
     try:
-        combined, report = combine(
+        combined, report = combine_adapters(
             [s.variables["lora"] for s in states], weights, method, rank=rank
         )
     except ValueError as e:

@@ -21,7 +21,7 @@ exported to PEFT they need lora_alpha = r without rsLoRA, or lora_alpha = √r w
 >>> from lorax_ft.transform.lora import Factors
 >>> one = {"dense": {"kernel": Factors(jnp.ones((4, 2)), jnp.ones((2, 3)), scale=2.0)}}
 >>> two = {"dense": {"kernel": Factors(jnp.ones((4, 1)), jnp.ones((1, 3)), scale=1.0)}}
->>> mixed, report = combine([one, two], [0.5, 1.0], method="cat")
+>>> mixed, report = combine_adapters([one, two], [0.5, 1.0], method="cat")
 >>> f = mixed["dense"]["kernel"]
 >>> f.rank, f.scale, float(f.delta((4, 3), jnp.float32)[0, 0])   # 0.5·2·2 + 1·1·1
 (3, 1.0, 3.0)
@@ -40,13 +40,14 @@ import jax.numpy as jnp
 
 from lorax_ft.transform import paths
 from lorax_ft.transform.lora import Factors
+from lorax_ft.transform.mixed import MixedFactors
 
 PyTree = Any
 METHODS = ("linear", "cat", "svd")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def combine(
+def combine_adapters(
     adapters_list: Sequence[PyTree],
     weights: Sequence[float],
     method: str = "linear",
@@ -78,7 +79,7 @@ def combine(
     >>> from lorax_ft.transform.lora import Factors
     >>> one = {"k": Factors(jnp.eye(3, 1), jnp.eye(1, 3), scale=1.0)}
     >>> two = {"k": Factors(jnp.eye(3, 1), 2 * jnp.eye(1, 3), scale=0.5)}
-    >>> mixed, report = combine([one, two], [1.0, -3.0], method="svd")  # ΔW = (1 − 3)·e₀e₀ᵀ
+    >>> mixed, report = combine_adapters([one, two], [1.0, -3.0], method="svd")  # ΔW = (1 − 3)·e₀e₀ᵀ
     >>> f = mixed["k"]
     >>> f.rank, float(f.delta((3, 3), jnp.float32)[0, 0]), float(report["k"])
     (1, -2.0, 0.0)
@@ -192,6 +193,11 @@ def _factors(tree) -> dict[str, Factors]:
         path = paths.path_str(keypath)
         if not isinstance(node, Factors):
             raise ValueError(f"combine: {path!r} is not a Factors node (an adapters pytree?)")
+        if isinstance(node, MixedFactors):
+            raise ValueError(
+                f"combine: {path!r} is a mixed set (lf.mixed_adapters); combine the list of "
+                "adapters it was made from"
+            )
         if node.magnitude is not None:
             raise ValueError(
                 f"combine: {path!r} is a DoRA adapter (it has a magnitude): PEFT's weighted "

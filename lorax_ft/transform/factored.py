@@ -50,7 +50,7 @@ import jax
 from flax import nnx
 from jax._src.interpreters import partial_eval as pe
 
-from lorax_ft.transform import linen_hook, lora, nnx_hook, paths
+from lorax_ft.transform import linen_hook, lora, mixed, nnx_hook, paths
 from lorax_ft.transform.layer_calls import AdapterError, LayerCalls, identity
 from lorax_ft.transform.lora import Factors, KernelLayout
 
@@ -68,7 +68,7 @@ def factored(
     unsupported: Unsupported = "merge",
     constrain: Callable[[jax.Array], jax.Array] = identity,
 ) -> Callable:
-    """Wraps a model into `fn(params, adapters, *inputs, lora_rng=None, **kwargs)`.
+    """Wraps a model into `fn(params, adapters, *inputs, lora_rng=None, adapter_index=None, **kw)`.
 
     Args:
       model: a linen module (params are its "params" collection; other collections go in a
@@ -84,6 +84,8 @@ def factored(
       `adapters` ({}) runs the plain model: full fine-tuning goes through the same wrapper.
       `model_state=` (a dict of collections for linen, `nnx_hook.model_state_of(model)` for
       NNX) runs with that mutable state and returns `(outputs, new_model_state)`.
+      `adapter_index` (int, one per example) goes with a mixed set from `lf.mixed_adapters`:
+      example i runs with adapter `adapter_index[i]`, or the base model where it is -1.
     """
     run_model = _runner(model)
     if run_model is None and callable(model):
@@ -93,21 +95,29 @@ def factored(
     if unsupported not in ("merge", "error"):
         raise ValueError(f"unsupported={unsupported!r}; valid: 'merge', 'error'")
 
-    def apply(params, adapters, *args, lora_rng=None, **kwargs):
+    def apply(params, adapters, *args, lora_rng=None, adapter_index=None, **kwargs):
         factors = lora.factors_by_path(adapters)
+        index = mixed.check_call(factors, adapter_index, lora_rng)
         shapes = {p: tuple(v.shape) for p, v in paths.flatten(params).items()}
         if not factors:
             return run_model(LayerCalls({}, shapes, {}), params, args, dict(kwargs))
         check_adapters(shapes, factors)
         discovery, read_elsewhere = _discover(run_model, params, factors, args, kwargs)
         merged = {p: f for p, f in factors.items() if p in read_elsewhere}
+        if merged and index is not None:
+            raise UnsupportedLayerError(
+                f"mixed adapters {min(merged)!r}: the kernel is read outside a supported layer "
+                "call, so it would have to be merged, and a mixed batch has no single merged "
+                "kernel; use a supported layer there, or run each adapter in its own batch"
+            )
         if merged:
             if unsupported == "error":
                 raise UnsupportedLayerError(_unsupported_message(merged, "refused"))
             warnings.warn(_unsupported_message(merged, "computed merged"), stacklevel=2)
             params = lora.merge(params, paths.unflatten(merged))
             factors = {p: f for p, f in factors.items() if p not in merged}
-        calls = LayerCalls(factors, shapes, discovery.groups_found(), lora_rng, constrain)
+        groups = discovery.groups_found()
+        calls = LayerCalls(factors, shapes, groups, lora_rng, constrain, adapter_index=index)
         try:
             return run_model(calls, params, args, dict(kwargs))
         except TypeError as e:
@@ -224,9 +234,15 @@ def _discover(run_model, params, factors, args, kwargs) -> tuple[LayerCalls, set
     return calls, {p for p, u in zip(adapted, used, strict=True) if u}
 
 
-def _merged_apply(model, params, adapters, *args, lora_rng=None, **kwargs):
+def _merged_apply(model, params, adapters, *args, lora_rng=None, adapter_index=None, **kwargs):
     del lora_rng  # dropout on the adapter's input has no meaning once the adapter is merged
     factors = lora.factors_by_path(adapters)
+    if mixed.check_call(factors, adapter_index, None) is not None:
+        raise AdapterError(
+            "a mixed adapter set runs factored only: the model is a plain function, whose "
+            "layers lorax_ft cannot see, and merging would give one kernel for all examples; "
+            "write it as a linen or NNX module"
+        )
     if factors:
         check_adapters({p: tuple(v.shape) for p, v in paths.flatten(params).items()}, factors)
         warnings.warn(

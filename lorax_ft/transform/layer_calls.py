@@ -12,6 +12,9 @@ layers and hand each one to a `LayerCalls`, which either
   rescales the sum per output feature (`Layer.dora`); it shares x·A like the others, since
   only its post-processing differs.
 
+With an `adapter_index` (a mixed set from `lorax_ft.transform.mixed`), each layer masks the
+rank columns of x·A per example, so that example i gets the delta of its own adapter only.
+
 DoRA's norm ‖W + s·A·B‖ reads the kernel in the apply pass only: the discovery stand-in does
 not, so a kernel read nowhere else is still found to be read only by its layer.
 
@@ -66,6 +69,8 @@ class LayerCalls:
       groups: from a discovery pass, `path -> ((member path, out dims), ...)`; None discovers.
       rng: key for LoRA dropout, or None.
       constrain: applied to each adapted layer's output (a sharding constraint, or identity).
+      adapter_index: a mixed batch (`lorax_ft.transform.mixed`): the adapter of each example,
+        int (batch,); every factor is then a `MixedFactors`. None: one adapter for all.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class LayerCalls:
         groups: Mapping[str, tuple] | None,
         rng: jax.Array | None = None,
         constrain: Callable[[jax.Array], jax.Array] = identity,
+        adapter_index: jax.Array | None = None,
     ):
         self.factors = factors
         self.kernel_shapes = kernel_shapes
@@ -82,6 +88,7 @@ class LayerCalls:
         self.groups = groups or {}
         self.rng = rng
         self.constrain = constrain
+        self.adapter_index = adapter_index
         self.calls: list[Call] = []
         self._shared: dict[tuple, tuple[Any, dict[str, jax.Array]]] = {}
         self._dropout_calls = 0
@@ -150,16 +157,30 @@ class LayerCalls:
     def _delta(self, path: str, layer: Layer, x, factors: Factors, lookup) -> jax.Array:
         group = self.groups.get(path)
         if group is None:
-            return layer.delta(self._dropout(path, x, factors), factors)
+            rows = self._rows(path, layer, x, [factors])
+            return layer.delta(self._dropout(path, x, factors), factors, rows)
         # The first member to run computes the whole group's deltas from one x·[A1 A2 ...].
         entry = self._shared.get(group)
         if entry is None or entry[0] is not x:
             member_paths = [p for p, _ in group]
-            deltas = layer.dense_deltas(
-                x, [lookup(p) for p in member_paths], [dims for _, dims in group]
-            )
+            members = [lookup(p) for p in member_paths]
+            rows = self._rows(path, layer, x, members)
+            deltas = layer.dense_deltas(x, members, [dims for _, dims in group], rows)
             entry = self._shared[group] = (x, dict(zip(member_paths, deltas, strict=True)))
         return entry[1][path]
+
+    def _rows(self, path, layer: Layer, x, factors: list[Factors]) -> jax.Array | None:
+        """A mixed batch's (batch, Σ ranks) mask of the rank columns each example uses."""
+        index = self.adapter_index
+        if index is None:
+            return None
+        if x.ndim == 0 or x.shape[0] != index.shape[0] or not layer.rows_first(x):
+            raise AdapterError(
+                f"mixed adapters {path!r}: its layer's input has shape {tuple(x.shape)}, whose "
+                f"axis 0 is not the batch of {index.shape[0]} examples that adapter_index "
+                "selects for; a mixed batch needs every adapted layer's input batch-first"
+            )
+        return jnp.concatenate([f.row_mask(index) for f in factors], axis=-1)
 
     def _dropout(self, path, x, factors: Factors):
         if not factors.dropout or self.rng is None or jnp.issubdtype(x.dtype, jnp.integer):

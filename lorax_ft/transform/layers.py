@@ -78,13 +78,32 @@ class Layer:
     def out_dims(self) -> tuple[int, ...]:
         return tuple(self.kernel_shape[self.inputs :])
 
-    def dense_deltas(self, x, factors: Sequence[Factors], out_dims: Sequence[tuple[int, ...]]):
+    def rows_first(self, x) -> bool:
+        """Whether axis 0 of the input `x` stays axis 0 of x·A (a per-example mask needs it)."""
+        if self.kind == "dense":
+            return 0 not in self.contract
+        if self.kind == "einsum":
+            (lhs, _), (k_in, _), _, _ = _einsum_parts(self.einsum)
+            return lhs[0] not in k_in
+        # embed: ids (batch, ...); attend: (batch, ..., features); conv: (batch, *spatial, in).
+        least = {"embed": 1, "attend": 2, "conv": len(self.kernel_shape)}[self.kind]
+        return x.ndim >= least
+
+    def dense_deltas(
+        self,
+        x,
+        factors: Sequence[Factors],
+        out_dims: Sequence[tuple[int, ...]],
+        rows: jax.Array | None = None,
+    ):
         """scale_i · x·A_i·B_i for adapters reading the same input x of a dense-kind layer.
 
         Args:
           x: the layer input.
           factors: one or more adapters whose kernels contract the same axes of x.
           out_dims: each adapter's kernel output dims, to shape its delta like its layer output.
+          rows: a mixed batch's (x.shape[0], Σ ranks) 0/1 mask: the rank columns that each
+            example uses (`rows_first(x)` must hold); None: all of them.
         """
         dtype = self.dtype or jnp.result_type(x, factors[0].a)
         rest = [i for i in range(x.ndim) if i not in self.contract]
@@ -93,23 +112,29 @@ class Layer:
         x2 = x.reshape((math.prod(lead), -1)).astype(dtype)
         a = jnp.concatenate([f.a for f in factors], axis=-1).astype(dtype)
         bs = tuple((f.scale * f.b).astype(dtype) for f in factors)
-        deltas = _low_rank(x2, a, bs, self.precision)
+        rows = None if rows is None else rows.astype(dtype)
+        deltas = _low_rank(x2, a, bs, self.precision, rows)
         return [d.reshape((*lead, *dims)) for d, dims in zip(deltas, out_dims, strict=True)]
 
-    def delta(self, x: jax.Array, factors: Factors) -> jax.Array:
-        """scale · x·A·B for one adapter (dropout, if any, is applied to x by the caller)."""
+    def delta(self, x: jax.Array, factors: Factors, rows: jax.Array | None = None) -> jax.Array:
+        """scale · x·A·B for one adapter (dropout, if any, is applied to x by the caller).
+
+        `rows`: a mixed batch's per-example mask of rank columns, as for `dense_deltas`.
+        """
         # The scale goes on the small B, never on a (tokens × features) activation.
         dtype = self.dtype or jnp.result_type(x, factors.a)
         a, b = factors.a.astype(dtype), (factors.scale * factors.b).astype(dtype)
         mm = functools.partial(jnp.matmul, precision=self.precision)
+        mask = functools.partial(_mask_rows, rows)
         if self.kind == "dense":
-            return self.dense_deltas(x, [factors], [self.out_dims])[0]
+            return self.dense_deltas(x, [factors], [self.out_dims], rows)[0]
         if self.kind == "embed":
-            return mm(jnp.take(a, x, axis=0), b)
+            return mm(mask(jnp.take(a, x, axis=0)), b)
         if self.kind == "attend":  # x @ (A·B).T = (x @ B.T) @ A.T
-            return mm(mm(x.astype(dtype), b.T), a.T)
+            return mm(mask(mm(x.astype(dtype), b.T)), a.T)
         if self.kind == "conv":
-            return mm(self.conv(x.astype(dtype), a.reshape((*self.kernel_shape[:-1], -1))), b)
+            xa = self.conv(x.astype(dtype), a.reshape((*self.kernel_shape[:-1], -1)))
+            return mm(mask(xa), b)
         if self.kind == "einsum":
             (lhs, out), (k_in, k_out), keep, r = _einsum_parts(self.einsum)
             a = a.reshape((*self.kernel_shape[: self.inputs], -1))
@@ -117,6 +142,7 @@ class Layer:
             xa = jnp.einsum(
                 f"{lhs},{k_in}{r}->{keep}{r}", x.astype(dtype), a, precision=self.precision
             )
+            xa = mask(xa)
             return jnp.einsum(f"{keep}{r},{r}{k_out}->{out}", xa, b, precision=self.precision)
         raise ValueError(f"unknown layer kind {self.kind!r}")
 
@@ -142,35 +168,60 @@ class Layer:
         return (y + ((ratio - 1.0) * base + ratio * delta)).astype(y.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _low_rank(x, a, bs, precision):
-    """(x·A)[:, block i]·B_i for each i: x (N, in), A (in, Σr), B_i (r_i, out_i)."""
-    return _low_rank_fwd(x, a, bs, precision)[0]
+def _low_rank(x, a, bs, precision, rows=None):
+    """(x·A ⊙ rows)[:, block i]·B_i for each i: x (N, in), A (in, Σr), B_i (r_i, out_i).
+
+    `rows` (batch, Σr), or None (all ones), masks the rank columns per example, the N rows of
+    x being batch-major (N = batch × tokens per example).
+    """
+    return _masked_low_rank(x, a, bs, rows, precision)
 
 
-def _low_rank_fwd(x, a, bs, precision):
-    xa = jnp.matmul(x, a, precision=precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _masked_low_rank(x, a, bs, rows, precision):
+    return _low_rank_fwd(x, a, bs, rows, precision)[0]
+
+
+def _low_rank_fwd(x, a, bs, rows, precision):
+    xa = _mask_rows(rows, jnp.matmul(x, a, precision=precision), flat=True)
     outs = tuple(
         jnp.matmul(xa_i, b, precision=precision)
         for xa_i, b in zip(_blocks(xa, bs), bs, strict=True)
     )
-    return outs, (x, a, bs, xa)
+    return outs, (x, a, bs, rows, xa)
 
 
 def _low_rank_bwd(precision, residuals, grads):
     # Every product is written as a plain (M, K) @ (K, N) matmul, transposing only rank-sized
     # operands: autodiff would contract over the token axis of the big activations instead,
     # which XLA:CPU runs several times slower than the row-major form.
-    x, a, bs, xa = residuals
+    x, a, bs, rows, xa = residuals
     mm = functools.partial(jnp.matmul, precision=precision)
     d_bs = tuple(mm(xa_i.T, g) for xa_i, g in zip(_blocks(xa, bs), grads, strict=True))
     d_xa = jnp.concatenate([mm(g, b.T) for g, b in zip(grads, bs, strict=True)], axis=-1)
+    # A masked-out rank column contributed nothing to the row, so it passes no gradient back.
+    d_xa = _mask_rows(rows, d_xa, flat=True)
     d_a = mm(d_xa.T, x).T
     d_x = mm(d_xa, a.T)
-    return d_x, d_a, d_bs
+    d_rows = None if rows is None else jnp.zeros_like(rows)  # an input-derived 0/1 mask
+    return d_x, d_a, d_bs, d_rows
 
 
-_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+_masked_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def _mask_rows(rows, xa, flat: bool = False):
+    """xa (batch, ..., Σr) times the per-example mask `rows` (batch, Σr); None: xa as it is.
+
+    `flat`: xa is (batch × tokens, Σr), batch-major.
+    """
+    if rows is None:
+        return xa
+    rows = rows.astype(xa.dtype)
+    if flat:
+        n, rank = rows.shape
+        return (xa.reshape((n, -1, rank)) * rows[:, None, :]).reshape(xa.shape)
+    return xa * rows.reshape((rows.shape[0], *(1,) * (xa.ndim - 2), rows.shape[1]))
 
 
 def _blocks(xa, bs):

@@ -26,6 +26,7 @@ from flax import nnx
 from lorax_ft.transform import layers
 from lorax_ft.transform.layer_calls import LayerCalls, first_input
 from lorax_ft.transform.lora import Factors
+from lorax_ft.transform.mixed import MixedFactors
 
 _CALLS: contextvars.ContextVar[LayerCalls | None] = contextvars.ContextVar(
     "lorax_ft_layer_calls", default=None
@@ -62,6 +63,17 @@ def _hooked(known: type) -> type:
                     dropout=self.lorax_dropout,
                     magnitude=_value(getattr(self, "lorax_m", None)),
                 )
+                mixed = getattr(self, "lorax_mixed", None)
+                if mixed is not None:  # a mixed set has no DoRA magnitude
+                    ranks, dropouts = mixed
+                    factors = MixedFactors(
+                        a=factors.a,
+                        b=factors.b,
+                        scale=factors.scale,
+                        dropout=factors.dropout,
+                        ranks=ranks,
+                        dropouts=dropouts,
+                    )
             # Inside a layer stack the factors are slices: the group partners' would have to
             # be sliced too, so down-projections are shared only outside stacks.
             stacked = len(calls.kernel_shapes[path]) > len(layer.kernel_shape)
@@ -108,6 +120,8 @@ def apply(graphdef, rest, calls: LayerCalls, params, args, kwargs) -> Any:
             node.lorax_scale, node.lorax_dropout = f.scale, f.dropout
             if f.dora:  # a Param too, so layer stacks slice the magnitude like the factors
                 node.lorax_m = LoRAFactor(f.magnitude)
+            if isinstance(f, MixedFactors):  # static, like the scale
+                node.lorax_mixed = (f.ranks, f.dropouts)
     token = _CALLS.set(calls)
     try:
         out = model(*args, **kwargs)

@@ -31,6 +31,7 @@ from lorax_ft.models.families import family_for_config
 from lorax_ft.models.peft_format import names
 from lorax_ft.models.peft_format.names import PREFIX, AdapterInfo, PeftFormatError
 from lorax_ft.transform import lora, paths
+from lorax_ft.transform.mixed import MixedFactors
 
 
 def save_peft(
@@ -167,6 +168,11 @@ def _adapter(directory, module, params, adapters, trained) -> tuple[dict, dict]:
 
 
 def _check_factors(path: str, f: lora.Factors, shape: tuple, stacked: bool):
+    if isinstance(f, MixedFactors):
+        raise PeftFormatError(
+            f"adapter {path}: a mixed set (lf.mixed_adapters) holds several adapters; save each "
+            "adapter of its list on its own"
+        )
     stack = shape[:1] if stacked else ()
     if len(shape) != len(stack) + 2:
         raise PeftFormatError(f"adapter {path}: kernel of shape {shape} is not a 2-D weight")
