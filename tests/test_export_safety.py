@@ -165,7 +165,9 @@ def test_cli_replaces_an_earlier_export_only_with_overwrite(tiny_run, tmp_path):
     assert "pass --overwrite" in _refused(tiny_run, str(target))
     assert _umask_modes(target)
     lorax_ft(*args, "--merged", "--overwrite")  # now the merged model replaces the adapters
-    assert sorted(os.listdir(target)) == [MARKER, "config.json", "model.safetensors",
+    # The mean-pooled classifier: transformers' BertModel plus its head beside it.
+    assert sorted(os.listdir(target)) == [MARKER, "classifier.json", "classifier.safetensors",
+                                          "config.json", "model.safetensors",
                                           "tokenizer.json"]  # fmt: skip
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary left beside it
     assert _umask_modes(target)

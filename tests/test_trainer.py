@@ -219,6 +219,39 @@ def test_eval_and_export_from_the_workdir(tiny_run, tmp_path):
     assert meta["task_type"] == "FEATURE_EXTRACTION" and meta["modules_to_save"] is None
     assert json.loads((out / "classifier.json").read_text())["pooling"] == "mean"
     assert meta["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    _peft_computes_the_run(tiny_run, out)
+
+
+def _peft_computes_the_run(workdir, adapter):
+    """The exported adapter, loaded by PEFT onto transformers' MiniLM from its pip package, with
+    the head applied as classifier.json says: the logits of the trained run (1e-5)."""
+    import jax
+    import jax.numpy as jnp
+
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from configs import bbc_minilm
+    from lorax_ft.models.presets import preset_path
+    from lorax_ft.run import commands
+    from lorax_ft.transform import lora
+    from tests.test_models_export import head_logits
+
+    run = commands.restore(bbc_minilm.get_config("lora,tiny"), str(workdir))
+    variables = jax.device_get(run.state.variables)
+    ids = np.random.default_rng(0).integers(1000, 5000, size=(2, 12))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    merged = lora.merge(variables["params"], variables["lora"])
+    ours = np.asarray(
+        run.task.module.apply({"params": merged}, jnp.asarray(ids), jnp.asarray(mask))
+    )
+    base = transformers.BertModel.from_pretrained(preset_path("all-minilm-l6-v2")).eval()
+    model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    theirs = head_logits(hidden.last_hidden_state.numpy().astype(np.float64), mask, adapter)
+    assert_close(theirs, ours, tol=1e-5)
 
 
 def test_a_peft_export_evaluates_and_starts_a_run_as_the_checkpoint_it_came_from(
