@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+import lorax_ft as lf
 from lorax_ft.transform.combine import combine_adapters
 from lorax_ft.transform.lora import Factors
 from tests.tolerance import assert_close
@@ -235,9 +236,9 @@ def test_refusals():
     rng = np.random.default_rng(7)
     one, two = _random_adapter(rng, 2, 4), _random_adapter(rng, 3, 6)
     partial = {"q": two["q"]}
-    with pytest.raises(ValueError, match="adapter 0 adapts 'v/kernel' but adapter 1 does not"):
+    with pytest.raises(ValueError, match="adapters 0 adapts 'v/kernel' but adapters 1 does not"):
         combine_adapters([one, partial], WEIGHTS, "cat")
-    with pytest.raises(ValueError, match="adapter 1 adapts 'v/kernel' but adapter 0 does not"):
+    with pytest.raises(ValueError, match="adapters 1 adapts 'v/kernel' but adapters 0 does not"):
         combine_adapters([partial, one], WEIGHTS, "cat")
     with pytest.raises(
         ValueError, match=r"'linear' needs equal ranks, 'q/kernel' has ranks \[2, 3\]"
@@ -254,9 +255,12 @@ def test_refusals():
     with pytest.raises(ValueError, match="PEFT ignores svd_rank"):
         combine_adapters([two], [1.0], "svd", rank=2)
     other = {**two, "v": {"kernel": Factors(jnp.zeros((8, 3)), jnp.zeros((3, 5)))}}
-    with pytest.raises(ValueError, match="'v/kernel' has factors"):
+    with pytest.raises(ValueError, match=r"'v/kernel' has A .* not the same kernel layout"):
         combine_adapters([two, other], WEIGHTS, "cat")
     f = one["q"]["kernel"]
     dora = {**one, "q": {"kernel": f.replace(magnitude=jnp.ones(8))}}
     with pytest.raises(ValueError, match="DoRA"):
         combine_adapters([dora, two], WEIGHTS, "cat")
+    mixed = lf.mixed_adapters([one, two])  # several adapters already: combine their list
+    with pytest.raises(ValueError, match="adapters 0 is already a mixed set"):
+        combine_adapters([mixed, two], WEIGHTS, "cat")

@@ -38,12 +38,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_ft.transform import paths
+from lorax_ft.transform.adapter_list import aligned, like
 from lorax_ft.transform.lora import Factors
-from lorax_ft.transform.mixed import MixedFactors
 
 PyTree = Any
 METHODS = ("linear", "cat", "svd")
+_DORA = "PEFT's weighted combination is defined for plain LoRA factors only"
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -103,17 +103,15 @@ def combine_adapters(
             )
         method, rank = "linear", None
 
-    flat = [_factors(tree) for tree in adapters_list]
-    _check_paths(flat)
+    flat = aligned(adapters_list, "combine", _DORA)
     out, report = {}, {}
     for path in flat[0]:
         group = [f[path] for f in flat]
-        _check_shapes(path, group)
         a, b, error = _METHOD_FNS[method](path, group, weights, rank)
         dtype = group[0].a.dtype
         out[path] = Factors(a=a.astype(dtype), b=b.astype(dtype), dropout=group[0].dropout)
         report[path] = error
-    return _like(adapters_list[0], out), report
+    return like(adapters_list[0], out), report
 
 
 def _linear(path, group, weights, rank):
@@ -186,58 +184,6 @@ def _f32(x):
     return x.astype(jnp.float32)
 
 
-def _factors(tree) -> dict[str, Factors]:
-    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Factors))[0]
-    out = {}
-    for keypath, node in nodes:
-        path = paths.path_str(keypath)
-        if not isinstance(node, Factors):
-            raise ValueError(f"combine: {path!r} is not a Factors node (an adapters pytree?)")
-        if isinstance(node, MixedFactors):
-            raise ValueError(
-                f"combine: {path!r} is a mixed set (lf.mixed_adapters); combine the list of "
-                "adapters it was made from"
-            )
-        if node.magnitude is not None:
-            raise ValueError(
-                f"combine: {path!r} is a DoRA adapter (it has a magnitude): PEFT's weighted "
-                "combination is defined for plain LoRA factors only"
-            )
-        out[path] = node
-    return out
-
-
-def _check_paths(flat):
-    first = set(flat[0])
-    for index, other in enumerate(flat[1:], start=1):
-        for path in sorted(first ^ set(other)):
-            which, lacking = (0, index) if path in first else (index, 0)
-            raise ValueError(
-                f"combine: adapter {which} adapts {path!r} but adapter {lacking} does not: "
-                "all adapters must adapt the same kernels"
-            )
-
-
-def _check_shapes(path, group):
-    a_shape, b_shape = group[0].a.shape, group[0].b.shape
-    for index, f in enumerate(group[1:], start=1):
-        if f.a.shape[:-1] != a_shape[:-1] or f.b.shape[:-2] + f.b.shape[-1:] != (
-            b_shape[:-2] + b_shape[-1:]
-        ):
-            raise ValueError(
-                f"combine: {path!r} has factors {a_shape}, {b_shape} in adapter 0 but "
-                f"{f.a.shape}, {f.b.shape} in adapter {index}: not the same kernel"
-            )
-
-
 def _ranks(tree):
-    ranks = {f.rank for f in _factors(tree).values()}
+    ranks = {f.rank for f in aligned([tree], "combine")[0].values()}
     return ranks.pop() if len(ranks) == 1 else None
-
-
-def _like(template, flat):
-    """`flat` ({path: Factors}) in the container structure of `template`."""
-    nodes, treedef = jax.tree_util.tree_flatten_with_path(
-        template, is_leaf=lambda x: isinstance(x, Factors)
-    )
-    return jax.tree_util.tree_unflatten(treedef, [flat[paths.path_str(kp)] for kp, _ in nodes])

@@ -29,11 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lorax_ft.transform import paths
+from lorax_ft.transform.adapter_list import aligned, like
 from lorax_ft.transform.layer_calls import AdapterError
 from lorax_ft.transform.lora import Factors
 
 PyTree = Any
+_DORA = (
+    "its magnitude rescales the whole layer output, which a per-example rank mask cannot "
+    "select; run DoRA adapters one batch each"
+)
 
 
 @struct.dataclass
@@ -98,14 +102,10 @@ def mixed_adapters(adapters_list: Sequence[PyTree]) -> PyTree:
     >>> (y - base)[:, 0]   # row 0: 2·(4·1), row 1: 0.5·(2·4), row 2: the base model
     Array([8., 4., 0.], dtype=float32)
     """
-    if len(adapters_list) == 0:
-        raise AdapterError("mixed_adapters: no adapters given; pass a list of adapters pytrees")
-    flat = [_factors(k, tree) for k, tree in enumerate(adapters_list)]
-    _check_paths(flat)
+    flat = aligned(adapters_list, "mixed_adapters", _DORA)
     out = {}
     for path in flat[0]:
         group = [f[path] for f in flat]
-        _check_shapes(path, group)
         dropouts = tuple(f.dropout for f in group)
         out[path] = MixedFactors(
             a=jnp.concatenate([f.a for f in group], axis=-1),
@@ -116,7 +116,7 @@ def mixed_adapters(adapters_list: Sequence[PyTree]) -> PyTree:
             ranks=tuple(f.rank for f in group),
             dropouts=dropouts,
         )
-    return _like(adapters_list[0], out)
+    return like(adapters_list[0], out)
 
 
 def check_call(
@@ -177,58 +177,3 @@ def check_call(
                 "dropout in a mixed batch needs one rate; pass lora_rng=None (no dropout)"
             )
     return index.astype(jnp.int32)
-
-
-def _factors(k: int, tree) -> dict[str, Factors]:
-    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Factors))[0]
-    out = {}
-    for keypath, node in nodes:
-        path = paths.path_str(keypath)
-        if not isinstance(node, Factors):
-            raise AdapterError(
-                f"mixed_adapters: adapters {k} has {path!r}, which is not a Factors node "
-                "(pass adapters pytrees, as from lora.init)"
-            )
-        if isinstance(node, MixedFactors):
-            raise AdapterError(
-                f"mixed_adapters: adapters {k} is already a mixed set at {path!r}; pass the "
-                "plain adapters of every set in one list"
-            )
-        if node.dora:
-            raise AdapterError(
-                f"mixed_adapters: adapters {k} is a DoRA adapter at {path!r}: its magnitude "
-                "rescales the whole layer output, which a per-example rank mask cannot select; "
-                "run DoRA adapters one batch each"
-            )
-        out[path] = node
-    return out
-
-
-def _check_paths(flat) -> None:
-    first = set(flat[0])
-    for k, other in enumerate(flat[1:], start=1):
-        for path in sorted(first ^ set(other)):
-            has, lacks = (0, k) if path in first else (k, 0)
-            raise AdapterError(
-                f"mixed_adapters: adapters {has} adapts {path!r} but adapters {lacks} does not: "
-                "all adapters of a mixed set must adapt the same kernels"
-            )
-
-
-def _check_shapes(path: str, group: list[Factors]) -> None:
-    a0, b0 = group[0].a.shape, group[0].b.shape
-    for k, f in enumerate(group[1:], start=1):
-        a, b = f.a.shape, f.b.shape
-        if a[:-1] != a0[:-1] or (*b[:-2], b[-1]) != (*b0[:-2], b0[-1]):
-            raise AdapterError(
-                f"mixed_adapters: {path!r} has A {tuple(a0)}, B {tuple(b0)} in adapters 0 but "
-                f"A {tuple(a)}, B {tuple(b)} in adapters {k}: not the same kernel layout"
-            )
-
-
-def _like(template, flat: dict[str, Factors]):
-    """`flat` ({path: factors}) in the container structure of `template`."""
-    nodes, treedef = jax.tree_util.tree_flatten_with_path(
-        template, is_leaf=lambda x: isinstance(x, Factors)
-    )
-    return jax.tree_util.tree_unflatten(treedef, [flat[paths.path_str(kp)] for kp, _ in nodes])
