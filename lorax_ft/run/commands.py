@@ -192,7 +192,8 @@ def export(config, workdir, export_dir, merged: bool = False, overwrite: bool = 
 
     The adapter directory is what `peft.PeftModel.from_pretrained(base, export_dir)` loads
     (`adapter_config.json`, `adapter_model.safetensors`, leaves trained fully as
-    `modules_to_save`), and what `peft.init_from` starts a run from. `export_dir` is checked
+    `modules_to_save`; a mean- or CLS-pooled classifier's head beside them, see
+    `lorax_ft.models.export`), and what `peft.init_from` and `--adapters` start from. `export_dir` is checked
     first (see `export_target.check_target`): a refused target costs no restore or merge, and
     nothing that is not an earlier export is ever replaced.
     """
