@@ -13,6 +13,7 @@ import pytest
 
 from lorax_ft.run.metrics import read_metrics
 from lorax_ft.run.trainer import TIMING_KEYS
+from tests.cli import forked
 from tests.tolerance import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,15 +204,29 @@ def test_full_finetuning_tiny_variants(tmp_path, config, overrides):
     assert (tmp_path / "checkpoints" / str(summary["steps"])).is_dir()
 
 
-def test_eval_and_export_from_the_workdir(tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """`tiny_run` exported as a PEFT adapter directory."""
+    out = tmp_path_factory.mktemp("export") / "adapter"
+    lorax_ft("export", f"--config={TINY}", f"--workdir={tiny_run}", f"--export_dir={out}")
+    return out
+
+
+def _forked_ok(*args) -> dict:
+    """`lorax-ft *args` from a preloaded fork (no interpreter start): its summary line."""
+    result = forked(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _last_json(result.stdout)
+
+
+def test_eval_and_export_from_the_workdir(tiny_run, exported):
     result = lorax_ft("eval", f"--config={TINY}", f"--workdir={tiny_run}")
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
     final = [r for r in read_metrics(tiny_run / "metrics.jsonl") if "eval_accuracy" in r][-1]
     assert evaluated["step"] == 4
     assert evaluated["eval_accuracy"] == pytest.approx(final["eval_accuracy"])
 
-    out = tmp_path / "adapters"
-    lorax_ft("export", f"--config={TINY}", f"--workdir={tiny_run}", f"--export_dir={out}")
+    out = exported
     meta = json.loads((out / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA" and meta["r"] == 8 and meta["lora_alpha"] == 16
     # Mean pooling has no transformers classifier: the encoder's adapters (a BertModel's) and
@@ -255,47 +270,30 @@ def _peft_computes_the_run(workdir, adapter):
 
 
 def test_a_peft_export_evaluates_and_starts_a_run_as_the_checkpoint_it_came_from(
-    tiny_run, tmp_path
+    tiny_run, exported, tmp_path
 ):
-    """export (PEFT format) -> `eval --adapters` and `train --config.peft.init_from`: the same
-    metrics as the checkpoint; an adapter that does not fit the config is one line."""
-    adapter = tmp_path / "adapter"
-    lorax_ft("export", f"--config={TINY}", f"--workdir={tiny_run}", f"--export_dir={adapter}")
-    checkpoint = _last_json(lorax_ft("eval", f"--config={TINY}", f"--workdir={tiny_run}").stdout)
-    first = next(r for r in read_metrics(tiny_run / "metrics.jsonl") if "eval_accuracy" in r)
-    result = lorax_ft("eval", f"--config={TINY}", f"--adapters={adapter},none")
-    evaluated = _last_json(result.stdout)["adapters"]
-    assert evaluated[str(adapter)]["eval_loss"] == pytest.approx(checkpoint["eval_loss"], 1e-6)
+    """export (PEFT format) -> `eval --adapters`, `--combine` and `train --config.peft.init_from`:
+    the metrics of the run it came from; an adapter that does not fit the config is one line."""
+    adapter = exported
+    evals = [r for r in read_metrics(tiny_run / "metrics.jsonl") if "eval_accuracy" in r]
+    first, final = evals[0], evals[-1]  # before training and at its end (step 4)
+    evaluated = _forked_ok("eval", f"--config={TINY}", f"--adapters={adapter},none")["adapters"]
+    assert evaluated[str(adapter)]["eval_loss"] == pytest.approx(final["eval_loss"], 1e-6)
     assert evaluated["none"]["eval_loss"] == pytest.approx(first["eval_loss"], 1e-6)
-    assert abs(evaluated["none"]["eval_loss"] - checkpoint["eval_loss"]) > 1e-4  # it trained
+    assert abs(first["eval_loss"] - final["eval_loss"]) > 1e-4  # it trained
 
     # PEFT's add_weighted_adapter: half of it twice, concatenated, is the adapter itself.
     both = f"--adapters={adapter},{adapter}"
-    combined = _last_json(lorax_ft("eval", f"--config={TINY}", both, "--combine=cat",
-                                   "--weights=0.5,0.5").stdout)["adapters"]  # fmt: skip
-    [(name, cat)] = combined.items()
+    combined = _forked_ok("eval", f"--config={TINY}", both, "--combine=cat", "--weights=0.5,0.5")
+    [(name, cat)] = combined["adapters"].items()
     assert name == f"cat(0.5*{adapter}, 0.5*{adapter})" and cat["combination_error"] == 0.0
-    assert cat["eval_loss"] == pytest.approx(checkpoint["eval_loss"], 1e-6)
-    svd = _last_json(
-        lorax_ft(
-            "eval",
-            f"--config={TINY}",
-            both,
-            "--combine=svd",
-            "--weights=0.5,0.2",
-            "--combine_rank=2",
-        ).stdout
-    )["adapters"]
-    assert 0.0 < next(iter(svd.values()))["combination_error"] < 1.0  # rank 8 kept as 2
+    assert cat["eval_loss"] == pytest.approx(final["eval_loss"], 1e-6)
 
-    started = _last_json(
-        lorax_ft("train", f"--config={TINY}", f"--workdir={tmp_path / 'again'}",
-                 f"--config.peft.init_from={adapter}", "--config.train.steps=1").stdout
-    )  # fmt: skip
-    assert started["eval_before"]["eval_loss"] == pytest.approx(checkpoint["eval_loss"], 1e-6)
+    started = _forked_ok("train", f"--config={TINY}", f"--workdir={tmp_path / 'again'}",
+                         f"--config.peft.init_from={adapter}", "--config.train.steps=1")  # fmt: skip
+    assert started["eval_before"]["eval_loss"] == pytest.approx(final["eval_loss"], 1e-6)
 
-    refused = lorax_ft("eval", f"--config={TINY}", f"--adapters={adapter}",
-                       "--config.peft.rank=4", check=False)  # fmt: skip
+    refused = forked("eval", f"--config={TINY}", f"--adapters={adapter}", "--config.peft.rank=4")
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
     assert f"--adapters: {adapter}: the adapter of bert/" in lines[0]
@@ -315,9 +313,9 @@ def test_a_pissa_run_exports_a_lora_on_the_original_base(tmp_path):
 
     overrides = ("--config.peft.init=pissa_niter_2", "--config.peft.targets=attention-qv")
     workdir, adapter = tmp_path / "run", tmp_path / "adapter"
-    lorax_ft("train", f"--config={TINY}", f"--workdir={workdir}", *overrides)
-    lorax_ft("export", f"--config={TINY}", f"--workdir={workdir}", f"--export_dir={adapter}",
-             *overrides)  # fmt: skip
+    _forked_ok("train", f"--config={TINY}", f"--workdir={workdir}", *overrides)
+    _forked_ok("export", f"--config={TINY}", f"--workdir={workdir}", f"--export_dir={adapter}",
+               *overrides)  # fmt: skip
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16  # 2 × 8
 
     config = bbc_minilm.get_config("lora,tiny")
