@@ -89,11 +89,10 @@ def combined_state(experiment, directories, method: str, weights, rank=None):
             f"got {len(directories)} directories and {len(weights)} weights"
         )
     states = [state for _, state in adapter_states(experiment, directories)]
-    first = jax.device_get(states[0].trainable["params"])
+    first = paths.flatten(jax.device_get(states[0].trainable["params"]))
     for directory, state in zip(directories[1:], states[1:], strict=True):
-        other = jax.device_get(state.trainable["params"])
-        differ = [p for p, x in paths.flatten(first).items()
-                  if not (x == paths.flatten(other)[p]).all()]  # fmt: skip
+        other = paths.flatten(jax.device_get(state.trainable["params"]))
+        differ = [p for p, x in first.items() if not (x == other[p]).all()]
         if differ:
             raise UserError(
                 f"--combine: {directory} trains {differ[0]} to other values than "
