@@ -44,6 +44,7 @@ CHOICES = {
     "train.on_nonfinite": ("stop", "skip"),
     "model.classifier_pooling": ("mean", "cls", "pooler"),
     "model.remat": ("none", *REMAT_POLICIES),
+    "model.quantize": ("none", "int8", "nf4", "gguf"),
     "data.chat_format": tuple(CHAT_FORMATS),
 }
 
@@ -96,6 +97,12 @@ def default_config() -> ConfigDict:
             "remat": "none",
             "classifier_pooling": "mean",  # classification: mean, cls or pooler
             "classifier_dropout": 0.1,
+            # The frozen base kept quantized in memory (QLoRA, lorax_ft.quant): none, int8 (per
+            # output feature), nf4 (blocks of 64) or gguf (a .gguf file's Q4_0/Q4_1/Q8_0 blocks
+            # as stored). The kernels of supported layers only; LoRA mode only.
+            "quantize": "none",
+            "double_quant": False,  # nf4: the block scales as int8 codes too (QLoRA's)
+            "quantize_embeddings": False,  # also the embedding tables
         }
     )
     config.data = default_data_config()
@@ -197,6 +204,16 @@ def validate(config: ConfigDict, num_devices: int | None = None, process_count: 
         section, name = key.split(".")
         _check_range(key, config[section][name], *bounds)
     _check_rules(config.peft.rules)
+    if model.quantize != "none" and config.peft.mode != "lora":
+        raise ConfigError(
+            f"model.quantize={model.quantize!r} keeps the base frozen and quantized: it needs "
+            "peft.mode='lora' (full fine-tuning trains every weight; use model.quantize='none')"
+        )
+    if model.double_quant and model.quantize != "nf4":
+        raise ConfigError(
+            f"model.double_quant=True quantizes nf4's block scales; model.quantize is "
+            f"{model.quantize!r} (set it to 'nf4', or double_quant to False)"
+        )
     if config.peft.mode == "lora" and not (config.peft.targets or config.peft.rules):
         raise ConfigError(
             "peft.mode='lora' adapts nothing: set peft.targets (a preset or a regex) or peft.rules"

@@ -50,6 +50,8 @@ import jax
 from flax import nnx
 from jax._src.interpreters import partial_eval as pe
 
+from lorax_ft.quant import methods as quant_lib
+from lorax_ft.quant.kernel import is_quantized
 from lorax_ft.transform import linen_hook, lora, mixed, nnx_hook, paths
 from lorax_ft.transform.layer_calls import AdapterError, LayerCalls, identity
 from lorax_ft.transform.lora import Factors, KernelLayout
@@ -98,11 +100,19 @@ def factored(
     def apply(params, adapters, *args, lora_rng=None, adapter_index=None, **kwargs):
         factors = lora.factors_by_path(adapters)
         index = mixed.check_call(factors, adapter_index, lora_rng)
-        shapes = {p: tuple(v.shape) for p, v in paths.flatten(params).items()}
-        if not factors:
+        flat = paths.flatten(params)
+        shapes = {p: tuple(v.shape) for p, v in flat.items()}
+        quantized = {p for p, v in flat.items() if is_quantized(v)}
+        if not factors and not quantized:
             return run_model(LayerCalls({}, shapes, {}), params, args, dict(kwargs))
         check_adapters(shapes, factors)
-        discovery, read_elsewhere = _discover(run_model, params, factors, args, kwargs)
+        discovery, read_elsewhere = _discover(run_model, params, factors, args, kwargs, quantized)
+        whole = sorted(read_elsewhere & quantized)
+        if whole:
+            if unsupported == "error":
+                raise UnsupportedLayerError(_dequantized_message(whole, "refused"))
+            warnings.warn(_dequantized_message(whole, "dequantized whole"), stacklevel=2)
+            params = paths.map_with_path(lambda p, v: v.dequantize() if p in whole else v, params)
         merged = {p: f for p, f in factors.items() if p in read_elsewhere}
         if merged and index is not None:
             raise UnsupportedLayerError(
@@ -210,22 +220,26 @@ def check_adapters(shapes: dict[str, tuple[int, ...]], factors: dict[str, Factor
             )
 
 
-def _discover(run_model, params, factors, args, kwargs) -> tuple[LayerCalls, set[str]]:
-    """A shape-only pass: the calls it saw, and the adapted kernels read outside them."""
+def _discover(
+    run_model, params, factors, args, kwargs, quantized=frozenset()
+) -> tuple[LayerCalls, set[str]]:
+    """A shape-only pass: the calls it saw, and the adapted or quantized kernels read elsewhere."""
     flat = paths.flatten(params)
     shapes = {p: tuple(v.shape) for p, v in flat.items()}
-    calls = LayerCalls(factors, shapes, None)
-    adapted = sorted(factors)
+    calls = LayerCalls(factors, shapes, None, quantized=quantized)
+    adapted = sorted(set(factors) | set(quantized))
 
     def trace(kernels, params, factors):
-        # The adapted kernels come in as separate arguments, so the dead-code analysis below
-        # can ask of each whether the output depends on it.
+        # The kernels come in as separate arguments, so the dead-code analysis below can ask
+        # of each whether the output depends on it. A quantized kernel comes in as a float
+        # kernel of its shape: code that reads it outside a layer call sees what it expects.
         by_path = dict(zip(adapted, kernels, strict=True))
         params = paths.map_with_path(lambda p, v: by_path.get(p, v), params)
         # Inputs are closed over, not traced: flags such as `deterministic=True` stay Python.
         return run_model(calls, params, args, dict(kwargs))
 
-    closed = jax.make_jaxpr(trace)([flat[p] for p in adapted], params, factors)
+    kernels = [jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype) for p in adapted]
+    closed = jax.make_jaxpr(trace)(kernels, params, factors)
     if not adapted:
         return calls, set()
     jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
@@ -243,6 +257,15 @@ def _merged_apply(model, params, adapters, *args, lora_rng=None, adapter_index=N
             "layers lorax_ft cannot see, and merging would give one kernel for all examples; "
             "write it as a linen or NNX module"
         )
+    quantized = quant_lib.quantized_paths(params)
+    if quantized:
+        warnings.warn(
+            f"quantized kernels dequantized whole ({', '.join(quantized[:5])}): the model is a "
+            "plain function, whose layers lorax_ft cannot see; write it as a linen or NNX "
+            "module to dequantize each kernel inside its layer call",
+            stacklevel=2,
+        )
+        params = quant_lib.dequantize(params)
     if factors:
         check_adapters({p: tuple(v.shape) for p, v in paths.flatten(params).items()}, factors)
         warnings.warn(
@@ -253,6 +276,15 @@ def _merged_apply(model, params, adapters, *args, lora_rng=None, adapter_index=N
         )
         params = lora.merge(params, adapters)
     return model(params, *args, **kwargs)
+
+
+def _dequantized_message(whole: list[str], what: str) -> str:
+    return (
+        f"quantized kernels {what} (the float kernel materialised in each step) for "
+        f"{', '.join(whole)}: they are read outside a supported layer call, which is where a "
+        "quantized kernel is dequantized piecewise; use a supported layer there, or leave "
+        "these kernels unquantized (quantize(..., skip=...))"
+    )
 
 
 def _unsupported_message(factors: dict[str, Factors], what: str) -> str:

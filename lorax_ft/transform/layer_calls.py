@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jax
@@ -71,6 +71,8 @@ class LayerCalls:
       constrain: applied to each adapted layer's output (a sharding constraint, or identity).
       adapter_index: a mixed batch (`lorax_ft.transform.mixed`): the adapter of each example,
         int (batch,); every factor is then a `MixedFactors`. None: one adapter for all.
+      quantized: paths of quantized kernels: the discovery pass stands in for their layers'
+        outputs as for adapted ones, to find any read of them outside a layer call.
     """
 
     def __init__(
@@ -81,8 +83,10 @@ class LayerCalls:
         rng: jax.Array | None = None,
         constrain: Callable[[jax.Array], jax.Array] = identity,
         adapter_index: jax.Array | None = None,
+        quantized: Collection[str] = (),
     ):
         self.factors = factors
+        self.quantized = quantized
         self.kernel_shapes = kernel_shapes
         self.discovering = groups is None
         self.groups = groups or {}
@@ -119,7 +123,7 @@ class LayerCalls:
         y = compute()
         if self.discovering:
             self._record(path, layer, x, factors, lookup)
-            if factors is None:
+            if factors is None and path not in self.quantized:
                 return y
             # A stand-in that depends on x but not on the kernel: if the model's output still
             # depends on the kernel, something other than a supported layer call read it.

@@ -13,6 +13,8 @@ The factors of a kernel travel in the params collection beside it (`FACTORS_KEY`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,8 @@ import flax.linen as nn
 from jax._src.interpreters import batching
 from jax._src.interpreters import partial_eval as pe
 
+from lorax_ft.quant.kernel import is_quantized
+from lorax_ft.quant.layer_call import on_dequantized
 from lorax_ft.transform import layers, paths
 from lorax_ft.transform.layer_calls import LayerCalls, first_input
 
@@ -27,6 +31,41 @@ from lorax_ft.transform.layer_calls import LayerCalls, first_input
 # fixed key that contains neither name (nn.WeightNorm, for one, maps every param whose path
 # contains "kernel").
 FACTORS_KEY = "lora@factors"
+
+# Set while a layer runs on its dequantized kernel in an apply of its own, which the
+# interceptor must leave alone (it would see the layer's call a second time).
+_INNER_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("lorax_inner", default=False)
+
+
+@contextlib.contextmanager
+def _inner_call():
+    token = _INNER_CALL.set(True)
+    try:
+        yield
+    finally:
+        _INNER_CALL.reset(token)
+
+
+def _run_dequantized(mod: nn.Module, known, name: str, kernel, args, kwargs):
+    """The supported layer function `known` on `mod`, its quantized kernel dequantized.
+
+    The layer runs as an unbound copy of itself (same fields) applied to its own params with
+    the float kernel, in `on_dequantized`, so the float kernel is not kept for the backward.
+    """
+    cls, method = known
+    own = {
+        k: v
+        for k, v in mod.scope.variables().get("params", {}).items()
+        if k not in (name, FACTORS_KEY)
+    }
+    copy = mod.clone(parent=None)
+
+    def call(w, own, args, kwargs):
+        with _inner_call():
+            variables = {"params": {**own, name: w}}
+            return copy.apply(variables, *args, method=getattr(cls, method), **kwargs)
+
+    return on_dequantized(call, kernel, own, args, kwargs)
 
 
 def _transformed(kernel, given) -> bool:
@@ -70,7 +109,7 @@ def apply(module: nn.Module, calls: LayerCalls, params, args, kwargs) -> Any:
         run = lambda: next_fun(*call_args, **call_kwargs)
         known = layers.LINEN_IMPLEMENTATIONS.get(getattr(context.orig_method, "func", None))
         mod = context.module
-        if known is None or mod.scope is None:
+        if known is None or mod.scope is None or _INNER_CALL.get():
             return run()
         name = layers.kernel_name(mod)
         # The scope's path, not the module's: under nn.share_scope they differ.
@@ -82,6 +121,9 @@ def apply(module: nn.Module, calls: LayerCalls, params, args, kwargs) -> Any:
         if calls.discovering and _transformed(kernel, given[path]):
             return run()  # e.g. nn.map_variables, nn.WeightNorm: the layer sees another kernel
         layer = layers.from_linen(mod, *known, x, kernel.shape)
+        quantized = is_quantized(kernel)
+        if quantized:
+            run = lambda: _run_dequantized(mod, known, name, kernel, call_args, call_kwargs)
         if layer is None:
             return run()
         scope = mod.scope
@@ -95,7 +137,8 @@ def apply(module: nn.Module, calls: LayerCalls, params, args, kwargs) -> Any:
 
         def weights():
             has_bias = getattr(mod, "use_bias", False) and scope.has_variable("params", "bias")
-            return kernel, scope.get_variable("params", "bias") if has_bias else None
+            bias = scope.get_variable("params", "bias") if has_bias else None
+            return (kernel.dequantize() if quantized else kernel), bias
 
         return calls.layer_call(path, layer, x, f, run, lookup, weights)
 

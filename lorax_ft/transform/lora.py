@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from lorax_ft.quant.kernel import is_quantized
 from lorax_ft.transform import inits, paths
 from lorax_ft.transform.spec import LoRA, Spec, SpecError, parse_init
 
@@ -320,6 +321,12 @@ def _apply_delta(params, adapters, sign):
     def update(path, w):
         if path not in factors:
             return w
+        if is_quantized(w):
+            raise ValueError(
+                f"cannot merge the adapter of {path!r} into a quantized kernel (its codes "
+                "cannot hold W + s·A·B): merge into the dequantized params, "
+                "lf.merge(lorax_ft.quant.dequantize(params, dtype), adapters)"
+            )
         f = factors[path]
         if f.dora:
             return _dora_merged(w, f)

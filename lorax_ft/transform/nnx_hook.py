@@ -23,6 +23,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from lorax_ft.quant.kernel import is_quantized
+from lorax_ft.quant.layer_call import on_dequantized
 from lorax_ft.transform import layers
 from lorax_ft.transform.layer_calls import LayerCalls, first_input
 from lorax_ft.transform.lora import Factors
@@ -51,6 +53,10 @@ def _hooked(known: type) -> type:
             if calls is None or path is None:
                 return run()
             x = first_input(args, kwargs)
+            weight_name = layers.kernel_name(self)
+            kernel = _value(getattr(self, weight_name))
+            if is_quantized(kernel):
+                run = lambda: _run_dequantized(self, base, weight_name, kernel, args, kwargs)
             layer = layers.from_nnx(self, known, method_name, x)
             if layer is None:
                 return run()
@@ -78,7 +84,7 @@ def _hooked(known: type) -> type:
             # be sliced too, so down-projections are shared only outside stacks.
             stacked = len(calls.kernel_shapes[path]) > len(layer.kernel_shape)
             lookup = None if stacked else calls.factors.__getitem__
-            weights = lambda: (_value(self.kernel), _value(getattr(self, "bias", None)))
+            weights = lambda: (_dequantized(kernel), _value(getattr(self, "bias", None)))
             return calls.layer_call(path, layer, x, factors, run, lookup, weights)
 
         return method
@@ -91,6 +97,25 @@ def _hooked(known: type) -> type:
 
 def _value(variable):
     return None if variable is None else variable.get_value()
+
+
+def _dequantized(kernel):
+    return kernel.dequantize() if is_quantized(kernel) else kernel
+
+
+def _run_dequantized(node, base, name: str, kernel, args, kwargs):
+    """`base(node, ...)` on a copy of the layer whose quantized weight is dequantized.
+
+    The copy is made inside `on_dequantized`, so the float kernel is not kept for the backward.
+    """
+    graphdef, state = nnx.split(node)
+
+    def call(w, state, args, kwargs):
+        copy = nnx.merge(graphdef, state)
+        getattr(copy, name).set_value(w)
+        return base(copy, *args, **kwargs)
+
+    return on_dequantized(call, kernel, state, args, kwargs)
 
 
 @functools.cache

@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 
+from lorax_ft.quant.kernel import is_quantized
+
 PyTree = Any
 
 
@@ -38,8 +40,12 @@ def path_str(keypath: Iterable[Any]) -> str:
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:
-    """`{path: leaf}` for every leaf, in the tree's own (deterministic) order."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    """`{path: leaf}` for every leaf, in the tree's own (deterministic) order.
+
+    A quantized kernel (`lorax_ft.quant.QuantizedKernel`) is one leaf, named as the kernel it
+    stands for.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     return {path_str(kp): leaf for kp, leaf in leaves}
 
 
@@ -57,4 +63,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def map_with_path(fn, tree: PyTree, *rest: PyTree) -> PyTree:
     """`jax.tree.map` whose function also receives the leaf's path string first."""
-    return jax.tree_util.tree_map_with_path(lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest, is_leaf=is_quantized
+    )
