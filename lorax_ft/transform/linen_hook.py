@@ -65,7 +65,7 @@ def _run_dequantized(mod: nn.Module, known, name: str, kernel, args, kwargs):
             variables = {"params": {**own, name: w}}
             return copy.apply(variables, *args, method=getattr(cls, method), **kwargs)
 
-    return on_dequantized(call, kernel, own, args, kwargs)
+    return on_dequantized(call, kernel, own, args, kwargs, after=first_input(args, kwargs))
 
 
 def _transformed(kernel, given) -> bool:

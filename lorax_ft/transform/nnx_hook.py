@@ -115,7 +115,7 @@ def _run_dequantized(node, base, name: str, kernel, args, kwargs):
         getattr(copy, name).set_value(w)
         return base(copy, *args, **kwargs)
 
-    return on_dequantized(call, kernel, state, args, kwargs)
+    return on_dequantized(call, kernel, state, args, kwargs, after=first_input(args, kwargs))
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 
+from lorax_ft.quant.kernel import is_quantized
 from lorax_ft.transform.spec import FROZEN, LORA, Spec
 
 PyTree = Any
@@ -33,13 +34,21 @@ def variable_labels(params: PyTree, adapters: PyTree, spec: Spec) -> PyTree:
 
 def split(variables: PyTree, labels: PyTree) -> tuple[PyTree, PyTree]:
     """(frozen, trainable): the variables with the other part's leaves replaced by None."""
-    frozen = jax.tree.map(lambda x, lab: x if lab == FROZEN else None, variables, labels)
-    trainable = jax.tree.map(lambda x, lab: None if lab == FROZEN else x, variables, labels)
+    # A quantized kernel (`lorax_ft.quant`) is one variable with one label, though several arrays.
+    frozen = jax.tree.map(
+        lambda x, lab: x if lab == FROZEN else None, variables, labels, is_leaf=is_quantized
+    )
+    trainable = jax.tree.map(
+        lambda x, lab: None if lab == FROZEN else x, variables, labels, is_leaf=is_quantized
+    )
     return frozen, trainable
 
 
 def combine(frozen: PyTree, trainable: PyTree) -> PyTree:
     """Inverse of `split`: every leaf from whichever part holds it."""
     return jax.tree.map(
-        lambda f, t: t if f is None else f, frozen, trainable, is_leaf=lambda x: x is None
+        lambda f, t: t if f is None else f,
+        frozen,
+        trainable,
+        is_leaf=lambda x: x is None or is_quantized(x),
     )
