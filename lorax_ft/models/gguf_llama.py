@@ -6,6 +6,10 @@ each head's two rotary halves) is undone, so the HF-layout loader does the rest.
 `output.weight` the LM head is tied to the embedding. The tokenizer is rebuilt from the embedded
 byte-level BPE vocabulary and merges.
 
+With `gguf_blocks=True` the linear kernels stored as Q4_0, Q4_1 or Q8_0 are not dequantized:
+they load as `lorax_ft.quant.QuantizedKernel`s holding the file's blocks byte for byte
+(`lorax_ft.quant.gguf`), a QLoRA base exactly as llama.cpp quantized it.
+
 Example:
     >>> module, params, cfg, tokenizer = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
 """
@@ -13,10 +17,19 @@ Example:
 import re
 from typing import Any
 
+import jax
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from lorax_ft.models.checkpoint import ModelFileError, load_params
+from lorax_ft.models.abstract import abstract_params
+from lorax_ft.models.checkpoint import (
+    ModelFileError,
+    hf_leaf_names,
+    hf_module_name,
+    is_stacked,
+    load_params,
+    read_params,
+)
 from lorax_ft.models.families import LLAMA
 from lorax_ft.models.hf_config import llama_from_hf
 
@@ -69,13 +82,34 @@ def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 class GgufTensors:
-    """HF-named, dequantized float32 tensors of a GGUF file (the `read_params` store contract)."""
+    """HF-named, dequantized float32 tensors of a GGUF file (the `read_params` store contract).
+
+    `block_format` and `blocks` give a Q4_0/Q4_1/Q8_0 tensor as its blocks instead.
+    """
 
     def __init__(self, reader: Any, path: str, heads: int, kv_heads: int):
         self.name = path
         self._tensors = {_hf_name(t.name, path): t for t in reader.tensors}
         self.file_of = dict.fromkeys(self._tensors, path)
         self._heads = {"q_proj": heads, "k_proj": kv_heads}
+
+    def block_format(self, key: str) -> str | None:
+        """The `QuantizedKernel` format `key` is stored in, or None (absent, or not blocks)."""
+        from lorax_ft.quant.gguf import block_format
+
+        tensor = self._tensors.get(key)
+        return None if tensor is None else block_format(tensor.tensor_type)
+
+    def blocks(self, key: str, dtype: Any) -> Any:
+        """The tensor `key` as a (in, out) `QuantizedKernel` of NumPy arrays, bytes as stored."""
+        from lorax_ft.quant.gguf import kernel_from_gguf
+
+        tensor = self._tensors[key]
+        proj = key.split(".")[-2]
+        rows = None
+        if proj in self._heads:  # the same unpermutation as `get`'s, as indices of whole rows
+            rows = _unpermute(np.arange(int(tensor.shape[-1])), self._heads[proj])
+        return kernel_from_gguf(tensor.data, tensor.tensor_type, dtype=dtype, rows=rows)
 
     def get(self, key: str) -> np.ndarray:
         import gguf  # deferred: only GGUF users pay for the import
@@ -115,17 +149,34 @@ def _tokenizer(reader: Any) -> Tokenizer:
     return tokenizer
 
 
-def load_gguf(path: str, shardings: Any = None, read_weights: bool = True, **overrides: Any):
+def load_gguf(
+    path: str,
+    shardings: Any = None,
+    read_weights: bool = True,
+    gguf_blocks: bool = False,
+    **overrides: Any,
+):
     """Loads a llama-architecture GGUF file.
 
     Args:
       path: the .gguf file.
       shardings: as in `load_pretrained`.
       read_weights: as in `load_pretrained`.
+      gguf_blocks: keep every linear kernel (q/k/v/o, gate/up/down, an untied `output.weight`)
+        stored as Q4_0, Q4_1 or Q8_0 as a `QuantizedKernel` of the file's blocks (see
+        `lorax_ft.quant.gguf`); kernels in other types (F32, F16, K-quants, ...) and the
+        token embedding table (also the tied LM head) are dequantized to float as without it.
+        A scanned stack (`scan_layers=True`) is kept as blocks only if all its layers share
+        one of these types. With `read_weights=False` such a kernel is a `QuantizedKernel` of
+        `jax.ShapeDtypeStruct`s.
       **overrides: runtime config fields (dtype, param_dtype, scan_layers, remat).
 
     Returns:
       `(module, params, config, tokenizer)` as `load_pretrained` does.
+
+    >>> _, params, _, _ = load_gguf("model.Q4_1.gguf", gguf_blocks=True)  # doctest: +SKIP
+    >>> params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].format  # doctest: +SKIP
+    'q4_1'
     """
     import gguf
 
@@ -167,5 +218,127 @@ def load_gguf(path: str, shardings: Any = None, read_weights: bool = True, **ove
     cfg = llama_from_hf(hf, **overrides)
     module = LLAMA.build(cfg, hf)
     store = GgufTensors(reader, path, heads, kv_heads)
-    params = load_params(store, module, LLAMA, cfg, shardings, read_weights)
+    if gguf_blocks:
+        params = _load_with_blocks(store, module, cfg, shardings, read_weights)
+    else:
+        params = load_params(store, module, LLAMA, cfg, shardings, read_weights)
     return module, params, cfg, _tokenizer(reader)
+
+
+def _load_with_blocks(
+    store: GgufTensors, module: Any, cfg: Any, shardings: Any, read_weights: bool
+) -> Any:
+    """`load_params`, with the kernels stored as GGUF blocks loaded as `QuantizedKernel`s."""
+    from lorax_ft.quant.gguf import kernel_shapes
+
+    abstract = abstract_params(module)
+    if callable(shardings):
+        shardings = shardings(module)
+    flat = {_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    flat_shardings = {}
+    if shardings is not None:
+        given = jax.tree.structure(abstract).flatten_up_to(shardings)
+        flat_shardings = dict(zip(flat, given, strict=True))
+    kept = _block_kernels(store, flat, cfg)  # path -> (format, one tensor name per layer)
+
+    def sharding_for(path: tuple[str, ...]) -> Any:
+        sharding = flat_shardings.get(path)
+        return None if sharding is None else (lambda shape: _fitted(sharding, shape))
+
+    if read_weights:
+        blocks = {
+            p: _read_blocks(store, p, keys, flat[p], sharding_for(p))
+            for p, (_, keys) in kept.items()
+        }
+
+        # The rest reads as `load_params` does, the kept kernels left out of it (None where
+        # they stood) and their tensors out of the store, so that none is reported unused.
+        def without_kept(tree: Any) -> Any:
+            return jax.tree_util.tree_map_with_path(
+                lambda p, x: None if _keys(p) in kept else x, tree
+            )
+
+        rest_store = _Without(store, {k for _, keys in kept.values() for k in keys})
+        rest_shardings = None if shardings is None else without_kept(shardings)
+        rest = read_params(rest_store, without_kept(abstract), LLAMA, cfg, rest_shardings)
+    else:
+        blocks = {
+            p: kernel_shapes(flat[p].shape, fmt, flat[p].dtype, sharding_for(p))
+            for p, (fmt, _) in kept.items()
+        }
+        rest = load_params(store, module, LLAMA, cfg, shardings, read_weights=False)
+    rest = {_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(rest)[0]}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: blocks.get(_keys(p), rest.get(_keys(p))), abstract
+    )
+
+
+def _keys(path: Any) -> tuple[str, ...]:
+    return tuple(k.key for k in path)
+
+
+def _block_kernels(store: GgufTensors, flat: dict, cfg: Any) -> dict:
+    """`{path: (format, tensor names)}` of the kernels whose tensors are all blocks of one type.
+
+    A scanned stack holds one array per field for all its layers, hence one format.
+    """
+    kept = {}
+    weight = hf_leaf_names("kernel")[0]
+    for path, spec in flat.items():
+        if path[-1] != "kernel":
+            continue
+        layers = range(spec.shape[0]) if is_stacked(path, LLAMA, cfg) else [None]
+        keys = [f"{hf_module_name(path, LLAMA, i)}.{weight}" for i in layers]
+        formats = {store.block_format(k) for k in keys}
+        if len(formats) == 1 and None not in formats:
+            kept[path] = (formats.pop(), keys)
+    return kept
+
+
+def _read_blocks(
+    store: GgufTensors, path: tuple[str, ...], keys: list[str], spec: Any, sharding: Any
+) -> Any:
+    """One kernel's `QuantizedKernel` (layers stacked in front if `keys` has several), placed."""
+    layers = [store.blocks(key, spec.dtype) for key in keys]
+    layer_shape = tuple(spec.shape[-2:])
+    for key, q in zip(keys, layers, strict=True):
+        if q.shape != layer_shape:  # reported as stored, (out, in), as `read_params` does
+            raise ModelFileError(
+                f"{store.file_of[key]}: tensor {key} has shape {q.shape[::-1]} but the config "
+                f"implies {layer_shape[::-1]} (for {'/'.join(path)})"
+            )
+    if len(spec.shape) > 2:  # a scanned stack: layers in front of every array
+        stacked = jax.tree.map(lambda *arrays: np.stack(arrays), *layers)
+    else:
+        (stacked,) = layers
+    return jax.tree.map(
+        lambda x: jax.device_put(x, None if sharding is None else sharding(x.shape)), stacked
+    )
+
+
+def _fitted(sharding: Any, shape: tuple[int, ...]) -> Any:
+    """`sharding` if it splits `shape` evenly, else the same devices holding it whole.
+
+    A kernel's sharding applies to each of its quantized arrays (they keep its axes), but the
+    blocked axis is shorter (halved codes, one scale per 32 inputs) and may no longer divide.
+    """
+    try:
+        sharding.shard_shape(shape)
+        return sharding
+    except ValueError:
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None:
+            mesh = jax.sharding.Mesh(np.array(list(sharding.device_set)), ("devices",))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+class _Without:
+    """A store with some of its tensors hidden (the ones loaded as blocks)."""
+
+    def __init__(self, store: Any, hidden: set[str]):
+        self._store = store
+        self.name = store.name
+        self.file_of = {k: v for k, v in store.file_of.items() if k not in hidden}
+
+    def get(self, key: str) -> np.ndarray:
+        return self._store.get(key)

@@ -28,6 +28,7 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     shardings: Any = None,
     read_weights: bool = True,
+    gguf_blocks: bool = False,
     **overrides: Any,
 ) -> tuple[Any, Any, Any, Tokenizer | None]:
     """Loads a model from a HF directory (config.json + safetensors), a GGUF file or a preset name.
@@ -45,6 +46,9 @@ def load_pretrained(
         as it is read, so the whole model never sits on one device.
       read_weights: False reads no tensor and returns the params as `jax.ShapeDtypeStruct`s
         (with their shardings): the model's shapes, for planning memory.
+      gguf_blocks: a GGUF file's Q4_0/Q4_1/Q8_0 linear kernels load as
+        `lorax_ft.quant.QuantizedKernel`s of the file's own blocks (`model.quantize='gguf'`);
+        other tensors and the embedding table load as float (see `gguf_llama.load_gguf`).
       **overrides: runtime config fields, e.g. `scan_layers=True`, `remat="full"`.
 
     Returns:
@@ -54,13 +58,16 @@ def load_pretrained(
     Raises:
       FileNotFoundError: the path, config.json or the weights are missing.
       ModelFileError: a damaged file (named), a tensor missing or with a shape that disagrees
-        with the config.
+        with the config, `gguf_blocks=True` for a source that is not a GGUF file.
       ValueError: unknown model_type or unsupported option.
     """
     overrides = {"dtype": dtype, "param_dtype": dtype, **overrides}
     kwargs = {"shardings": shardings, "read_weights": read_weights, **overrides}
     path = presets.preset_path(name_or_path) if name_or_path in presets.PRESETS else name_or_path
+    not_gguf = f"model.quantize='gguf' needs a .gguf file; {path} is not one"
     if os.path.isdir(path):
+        if gguf_blocks:
+            raise ModelFileError(not_gguf)
         return load_hf_directory(path, **kwargs)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -69,11 +76,13 @@ def load_pretrained(
         )
     with open(path, "rb") as f:
         if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            if gguf_blocks:
+                raise ModelFileError(not_gguf)
             raise ModelFileError(
                 f"{path} is a file but not a GGUF file; give a .gguf file or a Hugging Face "
                 "model directory (config.json + safetensors)"
             )
-    return load_gguf(path, **kwargs)
+    return load_gguf(path, gguf_blocks=gguf_blocks, **kwargs)
 
 
 def load_hf_directory(

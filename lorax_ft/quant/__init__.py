@@ -17,6 +17,8 @@ _LAZY = {
     "quantize": "methods",
     "quantize_kernel": "methods",
     "quantized_paths": "methods",
+    "block_format": "gguf",
+    "kernel_from_gguf": "gguf",
 }
 
 __all__ = ["FORMATS", "QuantizedKernel", "is_quantized", *_LAZY]
