@@ -1,6 +1,8 @@
 """lorax_ft: fine-tuning for JAX/Flax models, fully or with LoRA, as pure pytree transforms."""
 
+from lorax_ft import quant
 from lorax_ft.parallel import mesh, sharded_step, sharding
+from lorax_ft.quant import QuantizedKernel
 from lorax_ft.training import optim
 from lorax_ft.training.train_step import TrainState, init_state, make_train_step
 from lorax_ft.transform import lora, partition, paths
@@ -20,6 +22,7 @@ __all__ = [
     "KernelLayout",
     "LoRA",
     "MixedFactors",
+    "QuantizedKernel",
     "Spec",
     "SpecError",
     "Train",
@@ -39,6 +42,7 @@ __all__ = [
     "optim",
     "partition",
     "paths",
+    "quant",
     "sharded_step",
     "sharding",
     "split",

@@ -272,3 +272,52 @@ def test_float_kernels_exist_one_layer_at_a_time():
     compiled = jax.jit(jax.grad(loss)).lower(adapters, qparams).compile()
     kernel_bytes = 1024 * 1024 * 4
     assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * kernel_bytes
+
+
+class _Classifier(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(128, name="up_proj")(x))
+        h = nn.gelu(nn.Dense(128, name="mid_proj")(h))
+        return nn.Dense(4, name="classifier")(h)
+
+
+def test_adapt_quantized_trains_as_lora_on_the_dequantized_base():
+    """The same train step: QLoRA's losses are LoRA's on the dequantized base, step by step."""
+    import optax
+
+    model, x = _Classifier(), jax.random.normal(jax.random.key(0), (32, 64))
+    y = jax.random.randint(jax.random.key(1), (32,), 0, 4)
+    variables = model.init(jax.random.key(2), x)
+    spec = lf.Spec([(r".*_proj/kernel", lf.LoRA(rank=4, alpha=8)), (r"classifier/.*", lf.Train())])
+    qlora = lf.adapt(model, spec, x, variables=variables, quantize="nf4", double_quant=True)
+    assert sorted(quant.quantized_paths(qlora.params)) == ["mid_proj/kernel", "up_proj/kernel"]
+    assert qlora.summary().total == lf.adapt(model, spec, x, variables=variables).summary().total
+    plain = lf.adapt(model, spec, x, params=quant.dequantize(qlora.params))
+
+    def loss_fn(model, batch, rng):
+        logits = model(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), {}
+
+    losses = []
+    for adapted in (qlora, plain):
+        tx = optax.adamw(1e-2)
+        state, step = adapted.init_state(tx), adapted.train_step(loss_fn, tx)
+        trace = []
+        for _ in range(5):
+            state, metrics = step(state, {"x": x, "y": y})
+            trace.append(float(metrics["loss"]))
+        losses.append((trace, adapted.merge(state)))
+    assert losses[0][0][-1] < 0.7 * losses[0][0][0]  # it learns
+    assert_close(losses[0][0], losses[1][0], 1e-5)
+    assert_close(losses[0][1], losses[1][1], 1e-5)  # merged: float, dequantized base + adapters
+
+
+def test_a_quantized_kernel_cannot_be_trained_fully():
+    model, x = _Classifier(), jnp.ones((2, 64))
+    variables = model.init(jax.random.key(2), x)
+    with pytest.raises(lf.SpecError, match="full fine-tuning"):
+        lf.adapt(model, lf.FULL_FINETUNE, x, variables=variables, quantize="int8")
+    params = quant.quantize(variables["params"], "int8")
+    with pytest.raises(lf.SpecError, match=r"'classifier/kernel' is a quantized kernel"):
+        lf.adapt(model, lf.FULL_FINETUNE, x, params=params)

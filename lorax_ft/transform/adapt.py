@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lorax_ft import quant
 from lorax_ft.training import optim, train_step
-from lorax_ft.transform import lora, partition
+from lorax_ft.transform import lora, partition, paths
 from lorax_ft.transform.factored import factored, infer_layouts, nnx_params
 from lorax_ft.transform.factored import model_state as _model_state
 from lorax_ft.transform.lora import KernelLayout
-from lorax_ft.transform.spec import FROZEN, Spec
+from lorax_ft.transform.spec import FROZEN, Spec, SpecError
 
 PyTree = Any
 
@@ -122,14 +123,18 @@ class Adapted:
     def merge(self, adapters: PyTree | train_step.TrainState | None = None) -> PyTree:
         """Plain params with W + s·A·B in each adapted kernel, for export or inference.
 
+        A quantized base (`adapt(..., quantize=...)`) is dequantized first, to each kernel's
+        own dtype: the merged params are float, W_q dequantized + s·A·B.
+
         Args:
           adapters: LoRA factors merged into `self.params` (default `self.adapters`), or a
             `TrainState`: its params (with the leaves trained fully) and its adapters.
         """
         if isinstance(adapters, train_step.TrainState):
             trained = adapters.variables
-            return lora.merge(trained["params"], trained["lora"])
-        return lora.merge(self.params, self.adapters if adapters is None else adapters)
+            return lora.merge(quant.dequantize(trained["params"]), trained["lora"])
+        adapters = self.adapters if adapters is None else adapters
+        return lora.merge(quant.dequantize(self.params), adapters)
 
     def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
         """`tx` on the trainable leaves; frozen leaves get `optax.set_to_zero()` and no state."""
@@ -150,7 +155,10 @@ class Adapted:
         """
         rng = jax.random.key(0) if rng is None else rng
         variables = jax.tree.map(
-            lambda x, label: x if label == FROZEN else jnp.copy(x), self.variables, self.labels
+            lambda x, label: x if label == FROZEN else jnp.copy(x),
+            self.variables,
+            self.labels,
+            is_leaf=quant.is_quantized,
         )
         # The model state is updated, hence donated, by each step: the state gets a copy too.
         kwargs = (
@@ -197,6 +205,9 @@ def adapt(
     params: PyTree | None = None,
     variables: Mapping[str, PyTree] | None = None,
     rng: jax.Array | None = None,
+    quantize: str = "none",
+    double_quant: bool = False,
+    quantize_embeddings: bool = False,
     **sample_kwargs,
 ) -> Adapted:
     """Adapts `model` as `spec` says: LoRA factors, labels, and the factored forward.
@@ -211,6 +222,11 @@ def adapt(
       params: a linen model's params.
       variables: a linen model's variables, `{"params": ..., other collections}`.
       rng: key for the factors' initialisation (default `jax.random.key(0)`).
+      quantize: "int8" or "nf4" keeps the frozen kernels of supported layers quantized (QLoRA,
+        `lorax_ft.quant.quantize`): every kernel but those trained fully, after the adapters
+        are made (a PiSSA/OLoRA residual is quantized); "none" (default) leaves them float.
+      double_quant: NF4's block scales quantized too (QLoRA's double quantization).
+      quantize_embeddings: embedding tables quantized too.
       **sample_kwargs: keyword inputs of that pass (e.g. `deterministic=True`).
 
     Returns:
@@ -234,10 +250,10 @@ def adapt(
     if not isinstance(spec, Spec):
         raise TypeError(f"adapt() takes an lf.Spec (or lf.FULL_FINETUNE) as spec, got {spec!r}")
     params, model_state = _params_and_state(model, params, variables)
-    if spec.lora_targets(params) and not (sample_inputs or sample_kwargs):
+    if (spec.lora_targets(params) or quantize != "none") and not (sample_inputs or sample_kwargs):
         raise TypeError(
             "adapt() needs sample inputs, adapt(model, spec, x, ...), to find how each adapted "
-            "kernel is used (a shape-only pass)"
+            "or quantized kernel is used (a shape-only pass)"
         )
     layouts = {}
     if sample_inputs or sample_kwargs:
@@ -246,6 +262,21 @@ def adapt(
     rng = jax.random.key(0) if rng is None else rng
     # PiSSA/OLoRA rules make new (residual) kernels; every other leaf stays the caller's array.
     params, adapters = lora.initialize(rng, params, spec, layouts)
+    if quantize != "none":
+        labels = paths.flatten(spec.labels(params))
+        if all(label != FROZEN for label in labels.values()):
+            raise SpecError(
+                f"quantize={quantize!r} keeps the frozen kernels quantized, and this spec trains "
+                "every parameter (full fine-tuning): adapt the kernels with LoRA, or quantize='none'"
+            )
+        params = quant.quantize(
+            params,
+            quantize,
+            layouts,
+            skip={p for p, label in labels.items() if label != FROZEN},
+            embeddings=quantize_embeddings,
+            double_quant=double_quant,
+        )
     return Adapted(
         apply=factored(model),
         params=params,

@@ -384,10 +384,14 @@ def factors_by_path(adapters: PyTree) -> dict[str, Factors]:
 
 
 def count(tree: PyTree) -> int:
-    """Number of scalars in a pytree (params, adapters, optimizer state)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+    """Number of scalars in a pytree (params, adapters, optimizer state).
+
+    A quantized kernel counts as the kernel it stands for.
+    """
+    leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
+    return sum(math.prod(x.shape) for x in leaves if hasattr(x, "shape"))
 
 
 def nbytes(tree: PyTree) -> int:
-    """Bytes held by the arrays of a pytree."""
+    """Bytes held by the arrays of a pytree (a quantized kernel's codes and scales)."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))

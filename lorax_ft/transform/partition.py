@@ -22,14 +22,31 @@ from typing import Any
 import jax
 
 from lorax_ft.quant.kernel import is_quantized
-from lorax_ft.transform.spec import FROZEN, LORA, Spec
+from lorax_ft.transform import paths
+from lorax_ft.transform.spec import FROZEN, LORA, Spec, SpecError
 
 PyTree = Any
 
 
 def variable_labels(params: PyTree, adapters: PyTree, spec: Spec) -> PyTree:
-    """Labels of `{"params": params, "lora": adapters}`: 'lora' / 'train' / 'frozen'."""
-    return {"params": spec.labels(params), "lora": jax.tree.map(lambda _: LORA, adapters)}
+    """Labels of `{"params": params, "lora": adapters}`: 'lora' / 'train' / 'frozen'.
+
+    Raises:
+      SpecError: the spec trains a quantized kernel (`lorax_ft.quant`), frozen by construction.
+    """
+    labels = spec.labels(params)
+    trained = [
+        p
+        for p, v in paths.flatten(params).items()
+        if is_quantized(v) and paths.flatten(labels)[p] != FROZEN
+    ]
+    if trained:
+        raise SpecError(
+            f"{trained[0]!r} is a quantized kernel, frozen by construction: it cannot be "
+            "trained fully (full fine-tuning or a Train rule); adapt it with LoRA, or load "
+            "the base unquantized"
+        )
+    return {"params": labels, "lora": jax.tree.map(lambda _: LORA, adapters)}
 
 
 def split(variables: PyTree, labels: PyTree) -> tuple[PyTree, PyTree]:
