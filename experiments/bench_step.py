@@ -1,4 +1,4 @@
-"""Benchmark: one train step of a Llama-style decoder, full fine-tuning versus LoRA and DoRA.
+"""Benchmark: one train step of a Llama-style decoder, full fine-tuning versus LoRA, DoRA, QLoRA.
 
     python -m experiments.bench_step [--rounds 7] [--small]
 
@@ -10,8 +10,15 @@ noisy, so ratios of medians are the figures to trust):
 * lora_merged: the same adapters through the merged path (W + s·A·B materialised);
 * dora: DoRA on the same targets with the same rank and alpha, computed factored (its column
   norms from ‖W‖² and Wᵀ·A, never W + s·A·B);
+* qlora_nf4, qlora_int8: the LoRA adapters on a quantized frozen base (`lorax_ft.quant`:
+  every linear kernel, lm_head included, as NF4 codes in blocks of 64 or int8 per output
+  feature; the embedding stays float32), each kernel dequantized inside its layer call;
 * floor: forward plus backward to the embedding output with every weight frozen and no
   optimizer: no LoRA step can be cheaper.
+
+Beside the times, each step's compiled memory (`memory_analysis()`: argument and temporary
+bytes) and, for the quantized bases, the bytes their kernels hold against the same kernels in
+float32 (NF4: 0.5625 of 4 bytes a parameter, 0.14).
 
 Prints a table, then one JSON object as the last line.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -30,6 +38,7 @@ import ml_collections
 import optax
 
 import lorax_ft as lf
+from lorax_ft import quant
 from lorax_ft.models import LlamaConfig, LlamaForCausalLM
 from lorax_ft.training import optim
 from lorax_ft.transform import lora
@@ -95,6 +104,13 @@ def floor_step(module):
     return jax.jit(grad_at_embedding)
 
 
+def quantized_bytes(params) -> tuple[int, int]:
+    """(bytes the quantized kernels of `params` hold, the same kernels' float32 bytes)."""
+    kernels = [x for x in lf.paths.flatten(params).values() if quant.is_quantized(x)]
+    held = sum(q.nbytes for q in kernels)
+    return held, sum(math.prod(q.shape) * 4 for q in kernels)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -109,12 +125,15 @@ def main(argv=None):
     lora_spec = lf.Spec([(LORA_TARGETS, lf.LoRA(rank=8, alpha=16))])
     dora_spec = lf.Spec([(LORA_TARGETS, lf.LoRA(rank=8, alpha=16, dora=True))])
     merged_apply = lf.factored(lambda p, x: module.apply({"params": p}, x))
+    quantized = {m: quant.quantize(params, m, layouts) for m in ("nf4", "int8")}
 
     modes = {
         "full": build(module, params, lf.FULL_FINETUNE, lf.factored(module), layouts),
         "lora": build(module, params, lora_spec, lf.factored(module), layouts),
         "lora_merged": build(module, params, lora_spec, merged_apply, layouts),
         "dora": build(module, params, dora_spec, lf.factored(module), layouts),
+        "qlora_nf4": build(module, quantized["nf4"], lora_spec, lf.factored(module), layouts),
+        "qlora_int8": build(module, quantized["int8"], lora_spec, lf.factored(module), layouts),
     }
     floor = floor_step(module)
     report = {}
@@ -123,6 +142,7 @@ def main(argv=None):
         memory = compiled.memory_analysis()
         report[name] = {
             "flops": compiled.cost_analysis()["flops"],
+            "argument_bytes": memory.argument_size_in_bytes,
             "temp_bytes": memory.temp_size_in_bytes,
             "state_bytes": lora.nbytes(state),
         }
@@ -153,14 +173,20 @@ def main(argv=None):
 
     total = lora.count(params)
     trainable = lora.count(states["lora"].trainable)
-    print(f"{'mode':<12} {'median s':>9} {'GFLOP':>9} {'state MB':>9} {'temp MB':>9}")
-    for name in ("full", "lora", "lora_merged", "dora", "floor"):
+    print(
+        f"{'mode':<12} {'median s':>9} {'GFLOP':>9} {'state MB':>9} {'args MB':>9} {'temp MB':>9}"
+    )
+    for name in ("full", "lora", "lora_merged", "dora", "qlora_nf4", "qlora_int8", "floor"):
         r = report[name]
         print(
             f"{name:<12} {medians[name]:9.4f} {r['flops'] / 1e9:9.2f} "
-            f"{r.get('state_bytes', 0) / 2**20:9.1f} {r.get('temp_bytes', 0) / 2**20:9.1f}"
+            f"{r.get('state_bytes', 0) / 2**20:9.1f} {r.get('argument_bytes', 0) / 2**20:9.1f} "
+            f"{r.get('temp_bytes', 0) / 2**20:9.1f}"
         )
     print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    kernel_bytes = {m: quantized_bytes(q) for m, q in quantized.items()}
+    for m, (held, floats) in kernel_bytes.items():
+        print(f"{m} kernels: {held / 2**20:.1f} MB, {held / floats:.4f} of float32's")
     result = {
         "full_step_s": medians["full"],
         "lora_step_s": medians["lora"],
@@ -181,11 +207,30 @@ def main(argv=None):
         "lora_state_bytes": report["lora"]["state_bytes"],
         "full_temp_bytes": report["full"]["temp_bytes"],
         "lora_temp_bytes": report["lora"]["temp_bytes"],
+        "full_argument_bytes": report["full"]["argument_bytes"],
+        "lora_argument_bytes": report["lora"]["argument_bytes"],
         "trainable_params": trainable,
         "total_params": total,
         "rounds": args.rounds,
         "backend": jax.default_backend(),
     }
+    for m, (held, floats) in kernel_bytes.items():
+        name = f"qlora_{m}"
+        result.update({
+            f"{name}_step_s": medians[name],
+            f"{name}_over_lora": medians[name] / medians["lora"],
+            f"{name}_flops": report[name]["flops"],
+            f"{name}_argument_bytes": report[name]["argument_bytes"],
+            f"{name}_argument_over_lora": (
+                report[name]["argument_bytes"] / report["lora"]["argument_bytes"]
+            ),
+            f"{name}_temp_bytes": report[name]["temp_bytes"],
+            f"{name}_temp_over_lora": report[name]["temp_bytes"] / report["lora"]["temp_bytes"],
+            f"{name}_state_bytes": report[name]["state_bytes"],
+            f"{m}_kernel_bytes": held,
+            f"{m}_kernel_float32_bytes": floats,
+            f"{m}_kernel_bytes_ratio": held / floats,
+        })  # fmt: skip
     print(json.dumps(result))
     return result
 

@@ -7,6 +7,7 @@ import math
 import jax
 
 from lorax_ft.models import BertForSequenceClassification, load_pretrained, logical_axes
+from lorax_ft.transform import paths
 from tests.test_trainer import lorax_ft
 
 DEVICES = 16
@@ -62,3 +63,33 @@ def test_plan_for_a_16_device_fsdp_mesh_from_a_cpu_machine():
     assert lora["total_trainable_bytes"] < total / 50
     assert lora["total_opt_state_bytes"] == 2 * lora["total_trainable_bytes"] + 6 * 4
     assert lora["opt_state_bytes"] < full["opt_state_bytes"] / 5
+
+
+def test_plan_of_an_nf4_base_counts_its_codes_and_shows_the_float_figure():
+    """`lorax-ft plan --config=configs/smollm2_shakespeare.py:lora --config.model.quantize=nf4`,
+    in process and for LoRA only (one compile): shapes only, no weight read."""
+    from lorax_ft.parallel.plan import format_plan, plan
+    from lorax_ft.run.config_file import load_config_file
+
+    config = load_config_file("configs/smollm2_shakespeare.py:lora")
+    config.model.quantize = "nf4"
+    report = plan(config, modes=["lora"])
+    figures = report["lora"]
+    # Independent arithmetic on the float model's shapes: every linear kernel at NF4's 0.5625
+    # bytes a parameter (4-bit codes, a float32 scale per 64), the tied embedding and the norms
+    # in float32. The data-parallel mesh holds it whole on every device.
+    _, shapes, _, _ = load_pretrained("smollm2-135m-instruct", read_weights=False, scan_layers=True)
+    flat = paths.flatten(shapes)
+    floats = sum(math.prod(x.shape) * x.dtype.itemsize for x in flat.values())
+    kernels = sum(math.prod(x.shape) for p, x in flat.items() if p.endswith("/kernel"))
+    assert kernels > 0.75 * floats / 4  # 106M of the 135M parameters
+    assert figures["quantize"] == "nf4" and figures["devices"] == jax.device_count()
+    assert figures["unquantized_base_bytes"] == floats
+    assert figures["base_bytes"] == floats - kernels * 4 + kernels * 9 // 16
+    assert figures["unquantized_param_bytes"] == floats + figures["trainable_bytes"]
+    ratio = figures["param_bytes"] / figures["unquantized_param_bytes"]
+    print(f"nf4 plan: {figures['param_bytes']} of {figures['unquantized_param_bytes']} B: {ratio}")
+    assert ratio <= 0.40  # the issue's target (the tied embedding stays float32)
+    assert "lora: base params: 165.1 MiB per device (nf4; 513.1 MiB unquantized, 0.32x)" in (
+        format_plan(report)
+    )

@@ -58,7 +58,9 @@ def state_shardings(
 ) -> TrainState:
     """A `TrainState` of `NamedSharding`s for `state` (arrays or `jax.eval_shape` output).
 
-    Frozen and trainable leaves take their variables' shardings; optimizer-state leaves shaped
+    Frozen and trainable leaves take their variables' shardings (a quantized frozen kernel, a
+    `QuantizedKernel` of them: one per array, `sharding.quantized_sharding`); optimizer-state
+    leaves shaped
     like their parameter (Adam's moments, momentum) take the parameter's, found through
     `optax.tree_map_params`; anything else (step counts, factored second moments) is replicated,
     as are `step`, `rng` and the model state (BatchNorm statistics: small).

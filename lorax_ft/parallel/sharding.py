@@ -18,6 +18,13 @@ are placed from their kernel: A (*stack, in, r) keeps the stacked and input axes
 (*stack, r, out) the stacked and output axes'; the rank axis is replicated. A DoRA magnitude
 (*stack, out) is placed like B's stacked and output axes.
 
+A quantized kernel (`lorax_ft.quant.QuantizedKernel`, QLoRA's frozen base) is placed as the float
+kernel it stands for: its spec comes from the same rules (on the kernel's shape, under the same
+path), and each of its arrays (codes, block scales, ...) takes that spec axis by axis, since
+every one keeps the kernel's axes; a mesh axis is dropped where the array's dimension does not
+divide over it (a block-scale axis of 1, int8's single scale per output). Its sharding is a
+`QuantizedKernel` of `NamedSharding`s, a pytree shaped like the kernel's arrays.
+
 >>> mesh = lorax_ft.parallel.mesh.make_mesh(lorax_ft.parallel.mesh.fsdp_tensor(tensor=2))   # doctest: +SKIP
 >>> shardings = variable_shardings(
 ...     {"params": params, "lora": adapters}, mesh, logical_axes=logical_axes(module))  # doctest: +SKIP
@@ -33,6 +40,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lorax_ft.quant.kernel import QuantizedKernel, is_quantized
 from lorax_ft.transform import lora, paths
 from lorax_ft.transform.lora import Factors, KernelLayout
 from lorax_ft.transform.rules import Rules
@@ -128,6 +136,59 @@ def fit_spec(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
     return P(*out)
 
 
+def quantized_specs(kernel: QuantizedKernel, spec: P, mesh: Mesh) -> QuantizedKernel:
+    """The spec of each array of a quantized kernel placed as its float kernel's `spec`.
+
+    Every array keeps the kernel's axes, so each takes `spec` axis by axis (`fit_spec`): a mesh
+    axis is dropped where the array's dimension (a block-scale axis of 1, 4-bit codes' halved
+    blocked axis) does not divide over it. Here: codes (32, 256), one block scale (1, 256).
+
+    >>> q = lorax_ft.quant.quantize_kernel(jnp.ones((64, 256)), "nf4")   # doctest: +SKIP
+    >>> quantized_specs(q, P("fsdp", "tensor"), mesh)                   # doctest: +SKIP
+    QuantizedKernel(values=P('fsdp', 'tensor'), scales=P(None, 'tensor'), ...)
+    """
+    return jax.tree.map(lambda x: fit_spec(tuple(x.shape), spec, mesh), kernel)
+
+
+def quantized_sharding(kernel: QuantizedKernel, sharding: NamedSharding) -> QuantizedKernel:
+    """The `NamedSharding` of each array of `kernel`, from its float kernel's `sharding`."""
+    specs = quantized_specs(kernel, sharding.spec, sharding.mesh)
+    return jax.tree.map(lambda spec: NamedSharding(sharding.mesh, spec), specs, is_leaf=_is_spec)
+
+
+def follow_quantized(shardings: PyTree, params: PyTree) -> PyTree:
+    """`shardings` of float params, with each kernel `params` holds quantized placed as above.
+
+    For a base loaded into its shardings and then quantized: jit the quantization with
+    `out_shardings=follow_quantized(shardings, jax.eval_shape(quantize, params))`, and each
+    device computes the codes of its own shard. Leaves already placed as quantized stay.
+
+    >>> quantize = lambda p: lorax_ft.quant.quantize(p, "nf4", layouts)          # doctest: +SKIP
+    >>> placed = follow_quantized(shardings, jax.eval_shape(quantize, params))    # doctest: +SKIP
+    >>> params = jax.jit(quantize, out_shardings=placed, donate_argnums=0)(params)  # doctest: +SKIP
+    """
+
+    def place(leaf, sharding):
+        if is_quantized(leaf) and isinstance(sharding, NamedSharding):
+            return quantized_sharding(leaf, sharding)
+        return sharding
+
+    return jax.tree.map(place, params, shardings, is_leaf=is_quantized)
+
+
+def kernel_spec(sharding: NamedSharding | QuantizedKernel) -> P:
+    """The spec of the kernel that a (possibly quantized) parameter's sharding stands for.
+
+    A quantized kernel's codes keep the kernel's axes, so their spec is the kernel's, but for a
+    4-bit blocked axis whose half does not divide over its mesh axes (then replicated).
+    """
+    return sharding.values.spec if is_quantized(sharding) else sharding.spec
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
 def lora_specs(
     kernel_shape: Sequence[int], kernel_spec: P, factors: Factors, layout: KernelLayout | None
 ) -> tuple[P, P]:
@@ -178,7 +239,8 @@ def param_specs(
     """A pytree like `params` (arrays or `jax.ShapeDtypeStruct`s) of mesh `PartitionSpec`s.
 
     Each leaf's spec comes from the first path rule that fully matches its path, else from its
-    logical axes through `rules`, else it is replicated.
+    logical axes through `rules`, else it is replicated. A quantized kernel gets a
+    `QuantizedKernel` of specs, one per array (`quantized_specs` of its float kernel's spec).
 
     Raises:
       RuleError: a path rule that is not a valid regex or (unless `check_path_rules` is False,
@@ -189,14 +251,18 @@ def param_specs(
     logical = _flat_logical(logical_axes)
 
     def spec_of(path: str, leaf) -> P:
-        shape = tuple(leaf.shape)
+        shape = tuple(leaf.shape)  # a quantized kernel's: the float kernel's shape
         if chosen.get(path) is not None:
             return fit_spec(shape, chosen[path], mesh)
         if path in logical:
             return logical_to_spec(shape, logical[path], rules, mesh)
         return P()
 
-    return paths.map_with_path(spec_of, params)
+    def placed(path: str, leaf):
+        spec = spec_of(path, leaf)
+        return quantized_specs(leaf, spec, mesh) if is_quantized(leaf) else spec
+
+    return paths.map_with_path(placed, params)
 
 
 def param_shardings(params: PyTree, mesh: Mesh, **rules) -> PyTree:
@@ -206,9 +272,7 @@ def param_shardings(params: PyTree, mesh: Mesh, **rules) -> PyTree:
     ...                             logical_axes=logical_axes(module))   # doctest: +SKIP
     """
     specs = param_specs(params, mesh, **rules)
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
-    )
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
 
 
 def lora_shardings(
@@ -222,7 +286,8 @@ def lora_shardings(
     Args:
       adapters: `Factors` nodes at kernel paths (arrays or shapes), from `lora.init`.
       params: the base params (arrays or shapes), for the kernels' shapes.
-      shardings: `param_shardings(params, ...)`.
+      shardings: `param_shardings(params, ...)` (a quantized kernel's: a `QuantizedKernel`
+        of shardings; its factors are placed from the float kernel's spec, `kernel_spec`).
       layouts: from `lorax_ft.infer_layouts`; optional, the factors' shapes tell the same.
 
     Returns:
@@ -234,15 +299,14 @@ def lora_shardings(
     placed = {}
     for path, factors in lora.factors_by_path(adapters).items():
         sharding = flat_shardings[path]
+        mesh = sharding.values.mesh if is_quantized(sharding) else sharding.mesh
         a_spec, b_spec = lora_specs(
-            flat_params[path].shape, sharding.spec, factors, layouts.get(path)
+            flat_params[path].shape, kernel_spec(sharding), factors, layouts.get(path)
         )
-        placed[path] = factors.replace(
-            a=NamedSharding(sharding.mesh, a_spec), b=NamedSharding(sharding.mesh, b_spec)
-        )
+        placed[path] = factors.replace(a=NamedSharding(mesh, a_spec), b=NamedSharding(mesh, b_spec))
         if factors.magnitude is not None:
             m_spec = P(*b_spec[:-2], b_spec[-1])
-            placed[path] = placed[path].replace(magnitude=NamedSharding(sharding.mesh, m_spec))
+            placed[path] = placed[path].replace(magnitude=NamedSharding(mesh, m_spec))
     return paths.unflatten(placed)
 
 
