@@ -203,3 +203,20 @@ def test_quantized_specs_drop_axes_that_do_not_divide():
         sharding.param_shardings(floats, mesh, path_rules=rules), params
     )
     assert jax.tree.map(lambda s: s.spec, followed) == jax.tree.map(lambda s: s.spec, placed)
+
+
+def test_a_dropped_mesh_axis_moves_to_an_output_axis_that_divides():
+    """SmolLM2's NF4 block scales (9, 576) under 8-way FSDP: 9 blocks do not divide over 8,
+    so the scales split their 576 outputs instead of being whole on every device."""
+    mesh = mesh_lib.make_mesh({"fsdp": 8})
+    for shape, spec, scales in [
+        ((576, 576), P("fsdp", None), P(None, "fsdp")),
+        ((3, 576, 1536), P(None, "fsdp", None), P(None, None, "fsdp")),  # never the layer axis
+    ]:
+        kernel = jax.ShapeDtypeStruct(shape, jnp.float32)
+        stack = len(shape) - 2
+        q = jax.eval_shape(
+            lambda w, stack=stack: quant.quantize_kernel(w, "nf4", stack=stack), kernel
+        )
+        specs = sharding.quantized_specs(q, spec, mesh)
+        assert (specs.values, specs.scales) == (spec, scales)

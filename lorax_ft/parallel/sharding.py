@@ -139,15 +139,36 @@ def fit_spec(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
 def quantized_specs(kernel: QuantizedKernel, spec: P, mesh: Mesh) -> QuantizedKernel:
     """The spec of each array of a quantized kernel placed as its float kernel's `spec`.
 
-    Every array keeps the kernel's axes, so each takes `spec` axis by axis (`fit_spec`): a mesh
-    axis is dropped where the array's dimension (a block-scale axis of 1, 4-bit codes' halved
-    blocked axis) does not divide over it. Here: codes (32, 256), one block scale (1, 256).
+    Every array keeps the kernel's axes, so each takes `spec` axis by axis (`fit_spec`). Where
+    an array's dimension does not divide over its mesh axis (a block-scale axis of 1 or of
+    inputs / 64, 4-bit codes' halved blocked axis), that mesh axis moves to the first output
+    dimension of the array (after the blocked axis: never a stacked-layer axis, which a layer
+    scan slices) that is not split and divides, else the array is replicated along it: SmolLM2's NF4 block scales (9, 576) under 8-way FSDP split their 576 outputs instead
+    of being whole on every device. Here: codes (32, 256), one block scale (1, 256).
 
     >>> q = lorax_ft.quant.quantize_kernel(jnp.ones((64, 256)), "nf4")   # doctest: +SKIP
     >>> quantized_specs(q, P("fsdp", "tensor"), mesh)                   # doctest: +SKIP
     QuantizedKernel(values=P('fsdp', 'tensor'), scales=P(None, 'tensor'), ...)
     """
-    return jax.tree.map(lambda x: fit_spec(tuple(x.shape), spec, mesh), kernel)
+    outputs = kernel.ndim + kernel.axis + 1  # the first axis after the blocked one
+    return jax.tree.map(lambda x: _moved_spec(tuple(x.shape), spec, mesh, outputs), kernel)
+
+
+def _moved_spec(shape: tuple[int, ...], spec: P, mesh: Mesh, outputs: int) -> P:
+    """`fit_spec`, each mesh axis it had to drop moved to a free output axis that divides."""
+    fitted = list(fit_spec(shape, spec, mesh))
+    kept = {a for entry in fitted for a in axes_tuple(entry)}
+    wanted = [a for entry in tuple(spec) for a in axes_tuple(entry) if mesh.shape[a] > 1]
+    for axis in (a for a in wanted if a not in kept):
+        free = (
+            i
+            for i, size in enumerate(shape)
+            if i >= outputs and fitted[i] is None and size > 1 and size % mesh.shape[axis] == 0
+        )
+        i = next(free, None)
+        if i is not None:
+            fitted[i] = axis
+    return P(*fitted)
 
 
 def quantized_sharding(kernel: QuantizedKernel, sharding: NamedSharding) -> QuantizedKernel:
