@@ -242,8 +242,7 @@ def _load_with_blocks(
     kept = _block_kernels(store, flat, cfg)  # path -> (format, one tensor name per layer)
 
     def sharding_for(path: tuple[str, ...]) -> Any:
-        sharding = flat_shardings.get(path)
-        return None if sharding is None else (lambda shape: _fitted(sharding, shape))
+        return flat_shardings.get(path)
 
     if read_weights:
         blocks = {
@@ -263,7 +262,7 @@ def _load_with_blocks(
         rest = read_params(rest_store, without_kept(abstract), LLAMA, cfg, rest_shardings)
     else:
         blocks = {
-            p: kernel_shapes(flat[p].shape, fmt, flat[p].dtype, sharding_for(p))
+            p: _placed(kernel_shapes(flat[p].shape, fmt, flat[p].dtype), sharding_for(p))
             for p, (fmt, _) in kept.items()
         }
         rest = load_params(store, module, LLAMA, cfg, shardings, read_weights=False)
@@ -311,25 +310,24 @@ def _read_blocks(
         stacked = jax.tree.map(lambda *arrays: np.stack(arrays), *layers)
     else:
         (stacked,) = layers
+    return jax.device_put(stacked, _quantized_sharding(stacked, sharding))
+
+
+def _quantized_sharding(kernel: Any, sharding: Any) -> Any:
+    """A sharding per array of `kernel`, placed as its float kernel's `sharding` would be."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        from lorax_ft.parallel.sharding import quantized_sharding
+
+        return quantized_sharding(kernel, sharding)
+    return jax.tree.map(lambda _: sharding, kernel)
+
+
+def _placed(shapes: Any, sharding: Any) -> Any:
+    """`kernel_shapes`' structs with the shardings `_quantized_sharding` gives them."""
+    placed = _quantized_sharding(shapes, sharding)
     return jax.tree.map(
-        lambda x: jax.device_put(x, None if sharding is None else sharding(x.shape)), stacked
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, placed
     )
-
-
-def _fitted(sharding: Any, shape: tuple[int, ...]) -> Any:
-    """`sharding` if it splits `shape` evenly, else the same devices holding it whole.
-
-    A kernel's sharding applies to each of its quantized arrays (they keep its axes), but the
-    blocked axis is shorter (halved codes, one scale per 32 inputs) and may no longer divide.
-    """
-    try:
-        sharding.shard_shape(shape)
-        return sharding
-    except ValueError:
-        mesh = getattr(sharding, "mesh", None)
-        if mesh is None:
-            mesh = jax.sharding.Mesh(np.array(list(sharding.device_set)), ("devices",))
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 class _Without:

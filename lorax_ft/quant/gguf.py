@@ -129,7 +129,8 @@ def kernel_shapes(
       shape: the kernel's shape, (..., in, out).
       fmt: "q4_0", "q4_1" or "q8_0".
       dtype: the float dtype the kernel dequantizes to.
-      sharding: optional sharding given to every array, or a function `shape -> sharding`.
+      sharding: optional sharding given to every array (a single device, say; for a mesh,
+        `lorax_ft.parallel.sharding.quantized_sharding` gives each array its own).
 
     >>> q = kernel_shapes((30, 576, 192), "q4_1")
     >>> q.shape, q.values.shape, q.offsets.shape
@@ -141,8 +142,7 @@ def kernel_shapes(
 
     def struct(rows: int, array_dtype: Any) -> jax.ShapeDtypeStruct:
         array_shape = (*lead, rows, outputs)
-        fit = sharding(array_shape) if callable(sharding) else sharding
-        return jax.ShapeDtypeStruct(array_shape, array_dtype, sharding=fit)
+        return jax.ShapeDtypeStruct(array_shape, array_dtype, sharding=sharding)
 
     four_bit = fmt in FOUR_BIT
     values = struct(inputs // 2 if four_bit else inputs, np.uint8 if four_bit else np.int8)
