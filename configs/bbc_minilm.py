@@ -3,10 +3,13 @@ r"""BBC News topic classification (5 classes) with all-MiniLM-L6-v2: LoRA or ful
     lorax-ft train --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc_lora
     lorax-ft train --config=configs/bbc_minilm.py:full --workdir=/tmp/bbc_full
     lorax-ft train --config=configs/bbc_minilm.py:lora,tiny --workdir=/tmp/bbc_tiny  # seconds
+    lorax-ft train --config=configs/bbc_minilm.py:lora --config.model.quantize=nf4 \
+        --workdir=/tmp/bbc_qlora  # QLoRA: the frozen encoder in 4-bit NF4
 
 Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a seconds-long smoke run.
 Both modes get the same budget (steps, batch, sequence length); only the spec and the learning
-rate differ. The classifier head is new, so LoRA trains it fully.
+rate differ. The classifier head is new, so LoRA trains it fully; with `model.quantize` (int8,
+nf4) the encoder's frozen kernels are quantized and the head, being trained, stays float.
 """
 
 from lorax_ft.run.config import default_config, parse_variant, shrink_to_tiny

@@ -1,19 +1,27 @@
 r"""SmolLM2-135M-Instruct, LoRA on Shakespeare's plays as packed plain text (causal LM).
 
     lorax-ft train --config=configs/smollm2_shakespeare.py --workdir=/tmp/shakespeare
+    lorax-ft train --config=configs/smollm2_shakespeare.py:qlora --workdir=/tmp/shakespeare_q
 
-Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a short smoke run.
+Arguments (comma-separated): `lora` (default), `full` or `qlora`; `tiny` for a short smoke run.
+`qlora` is `lora` trained on the GGUF file's Q4_1 blocks as stored (`model.quantize='gguf'`):
+the frozen kernels stay 4-bit in memory instead of being dequantized to float32.
 """
 
 from lorax_ft.run.config import default_config, parse_variant, shrink_to_tiny
 
+MODES = ("lora", "full", "qlora")
+
 
 def get_config(arg: str | None = None):
-    mode, tiny = parse_variant(arg, "smollm2_shakespeare")
+    variant, tiny = parse_variant(arg, "smollm2_shakespeare", MODES)
+    mode = "full" if variant == "full" else "lora"
     config = default_config()
     config.model.preset = "smollm2-135m-instruct"
     config.model.task = "causal_lm"
     config.model.scan_layers = True
+    if variant == "qlora":
+        config.model.quantize = "gguf"  # the file's blocks: its Q4_1 kernels stay 4-bit
 
     config.data.kind = "text"
     config.data.name = "shakespeare"  # 42 plays; eval = the last 10% of each

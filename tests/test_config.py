@@ -183,3 +183,69 @@ def test_schedule_length_follows_train_steps_unless_set():
     assert float(schedule(6)) == pytest.approx(config.schedule.lr)  # the end of the warmup
     config.schedule.total_steps = 20
     assert config_lib.resolve(config).schedule.total_steps == 20
+
+
+@pytest.mark.parametrize("arg", ["qlora", "qlora,tiny", "tiny,qlora"])
+def test_the_qlora_variant_is_lora_on_the_gguf_blocks_and_composes_with_tiny(arg):
+    config = smollm2_shakespeare.get_config(arg)
+    config_lib.validate(config, num_devices=8)
+    lora_config = smollm2_shakespeare.get_config(arg.replace("qlora", "lora"))
+    assert (config.peft.mode, config.model.quantize) == ("lora", "gguf")
+    # Otherwise the lora variant: the same keys, quantize aside.
+    config.model.quantize = "none"
+    assert config.to_dict() == lora_config.to_dict()
+    with pytest.raises(ValueError, match=r"lora\|full\|qlora\[,tiny\]"):
+        smollm2_shakespeare.get_config("qlora,full")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c.model.update(quantize="nf4", double_quant=True, preset="gpt-5"),
+            None,  # an unknown preset is named by loading, not here
+        ),
+        (lambda c: c.model.update(quantize="gguf"), r"model.quantize='gguf' needs a .gguf"),
+        (
+            lambda c: c.model.update(quantize="gguf", preset="", path="configs/bbc_minilm.py"),
+            r"'configs/bbc_minilm.py' is not one",
+        ),
+        (lambda c: c.model.update(quantize="int8", double_quant=True), "double_quant=True"),
+        (lambda c: c.peft.update(mode="full") or c.model.update(quantize="int8"), "peft.mode"),
+    ],
+)
+def test_quantize_keys_are_validated(edit, message):
+    config = bbc_minilm.get_config("lora,tiny")
+    edit(config)
+    if message is None:
+        config_lib.validate(config, num_devices=8)
+        return
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "rules", [(), (("attention-qv", {"init": "olora"}),)], ids=["peft.init", "a rule's init"]
+)
+def test_gguf_blocks_refuse_inits_that_change_the_base(rules):
+    config = smollm2_shakespeare.get_config("qlora,tiny")
+    config.peft.rules = rules
+    if not rules:
+        config.peft.init = "pissa_niter_2"
+    with pytest.raises(config_lib.ConfigError, match=r"peft.init='(pissa_niter_2|olora)'.*gguf"):
+        config_lib.validate(config, num_devices=8)
+
+
+def test_quantization_is_a_resume_key_even_for_checkpoints_that_predate_it():
+    """A checkpoint written before the quantize keys existed was trained on a float base."""
+    from lorax_ft.run.resume import CheckpointMismatchError, check_same_config, resume_config
+
+    config = bbc_minilm.get_config("lora,tiny")
+    old = {k: v for k, v in resume_config(config).items() if not k.startswith("model.quant")}
+    old.pop("model.double_quant")
+    check_same_config("ckpt/4", {"config": old}, resume_config(config))  # the same run
+    config.model.quantize = "nf4"
+    with pytest.raises(CheckpointMismatchError, match=r"model.quantize='none' \(now 'nf4'\)"):
+        check_same_config("ckpt/4", {"config": old}, resume_config(config))
+    for key in ("model.quantize", "model.double_quant", "model.quantize_embeddings"):
+        assert key in resume_config(config)

@@ -321,3 +321,26 @@ def test_a_quantized_kernel_cannot_be_trained_fully():
     params = quant.quantize(variables["params"], "int8")
     with pytest.raises(lf.SpecError, match=r"'classifier/kernel' is a quantized kernel"):
         lf.adapt(model, lf.FULL_FINETUNE, x, params=params)
+
+
+class _TiedEmbed(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(128, 64, name="embed")
+        return embed.attend(nn.Dense(64, name="d")(embed(ids)))
+
+
+def test_nf4_embedding_table_made_in_setup():
+    """nn.Embed makes its table in `setup`, whose shape check would see the packed codes."""
+    model, ids = _TiedEmbed(), jnp.arange(12).reshape(2, 6)
+    params = model.init(jax.random.key(0), ids)["params"]
+    layouts = lf.infer_layouts(model, params, ids)
+    qparams = quant.quantize(params, "nf4", layouts, embeddings=True)
+    assert sorted(quant.quantized_paths(qparams)) == ["d/kernel", "embed/embedding"]
+    spec = lf.Spec([(".*(kernel|embedding)", lf.LoRA(2))])
+    adapters = toy_models.nonzero(lora.init(jax.random.key(1), params, spec, layouts))
+    got = _loss_grads(lambda a, x: lf.factored(model)(qparams, a, x), adapters, (ids,))
+    dq = quant.dequantize(qparams)
+    want = _loss_grads(lambda a, x: model.apply({"params": lora.merge(dq, a)}, x), adapters, (ids,))
+    assert_close(got[0], want[0], 1e-5)
+    assert_close(got[1], want[1], 1e-4)

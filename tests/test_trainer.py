@@ -174,6 +174,8 @@ TINY_RUNS = {
     ("smollm2_shakespeare", "lora"): "test_trainer_lm.py",
     ("smollm2_chatterbot", "full"): "test_full_finetuning_tiny_variants (slow)",
     ("smollm2_shakespeare", "full"): "test_full_finetuning_tiny_variants (slow)",
+    # The same GGUF path on a tiny file: test_quant_trainer.py (not slow).
+    ("smollm2_shakespeare", "qlora"): "test_trainer_lm.py (slow)",
 }
 _SLOW = pytest.mark.skipif(
     not os.environ.get("LORAX_FT_SLOW_TESTS"), reason="50-140 s each; LORAX_FT_SLOW_TESTS=1"
@@ -182,8 +184,12 @@ _FSDP = ("--config.mesh.data=1", "--config.mesh.fsdp=8")
 
 
 def test_every_config_has_a_tiny_run():
+    import importlib
+
     shipped = [p.stem for p in (ROOT / "configs").glob("*.py") if "def get_config" in p.read_text()]
-    assert set(TINY_RUNS) == {(name, mode) for name in shipped for mode in ("lora", "full")}
+    modes = {name: getattr(importlib.import_module(f"configs.{name}"), "MODES", ("lora", "full"))
+             for name in shipped}  # fmt: skip
+    assert set(TINY_RUNS) == {(name, mode) for name in shipped for mode in modes[name]}
 
 
 @pytest.mark.parametrize(

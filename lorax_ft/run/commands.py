@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
 
+from lorax_ft import quant
 from lorax_ft.errors import UserError
+from lorax_ft.quant import is_quantized
 from lorax_ft.run.checkpointing import Checkpointer
 from lorax_ft.run.completions import generate_texts, merged_params
 from lorax_ft.run.export_target import check_target, replace_directory
+from lorax_ft.run.quantized_base import statement
 from lorax_ft.run.resume import resume_config
 from lorax_ft.transform import paths
 from lorax_ft.transform.partition import split, variable_labels
@@ -25,18 +29,23 @@ def restore(config, workdir):
     shardings of this one. A damaged newest checkpoint is skipped with a warning (the next
     intact one is used, and no checkpoint is moved); no lock is taken.
     """
+    from lorax_ft.run import config as config_lib
     from lorax_ft.run.experiment import build
 
-    experiment = build(config)
+    config_lib.validate(config, jax.device_count(), jax.process_count())  # a bad key first
     checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
-    if checkpoints.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
-    state, _ = checkpoints.restore(
-        experiment.state,
-        base=experiment.base_fingerprint,
-        config=resume_config(experiment.config),
-    )
-    checkpoints.close()
+    try:
+        if checkpoints.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
+        checkpoints.check_config(resume_config(config))  # before the base is loaded
+        experiment = build(config)
+        state, _ = checkpoints.restore(
+            experiment.state,
+            base=experiment.base_fingerprint,
+            config=resume_config(experiment.config),
+        )
+    finally:
+        checkpoints.close()
     return dataclasses.replace(experiment, state=state)
 
 
@@ -53,7 +62,7 @@ def evaluate_adapters(config, directories, combination=None) -> dict:
     or (`combination`, see `combined_state`) with their weighted combination."""
     from lorax_ft.run.trainer import evaluate
 
-    experiment = _check_adapters_then_build(config, directories)
+    experiment = _check_adapters_then_build(config, directories, combination)
     return {
         "adapters": {
             name: {**evaluate(experiment, state), **extra}
@@ -143,9 +152,16 @@ def _labels(experiment, adapters):
     return variable_labels(experiment.task.params, adapters, experiment.spec)
 
 
-def _check_adapters_then_build(config, directories):
+def _check_adapters_then_build(config, directories, combination=None):
     from lorax_ft.run.experiment import build
 
+    if combination is not None and config.model.quantize != "none":
+        # Before the model is loaded: nothing else could be done with it.
+        raise UserError(
+            f"--combine merges the combined adapter into the base kernels, which "
+            f"model.quantize={config.model.quantize!r} keeps quantized; combine on the float "
+            "base (--config.model.quantize=none), or evaluate each adapter on its own"
+        )
     for directory in directories:  # before the model is loaded
         if directory != "none" and not os.path.isfile(
             os.path.join(directory, "adapter_config.json")
@@ -175,7 +191,7 @@ def generate(config, workdir, prompts, adapters=(), combination=None) -> dict:
         return dict(zip(prompts, texts, strict=True))
 
     if adapters:
-        experiment = _check_adapters_then_build(config, adapters)
+        experiment = _check_adapters_then_build(config, adapters, combination)
         states = _states(experiment, adapters, combination)
         return {"adapters": {name: complete(experiment.task, s) for name, s, _ in states}}
     experiment = restore(config, workdir)
@@ -195,6 +211,13 @@ def export(config, workdir, export_dir, merged: bool = False, overwrite: bool = 
     `lorax_ft.models.export`), and what `peft.init_from` and `--adapters` start from. `export_dir` is checked
     first (see `export_target.check_target`): a refused target costs no restore or merge, and
     nothing that is not an earlier export is ever replaced.
+
+    A run on a quantized base (`model.quantize`) says so, never silently: the merged model is
+    the dequantized base plus the adapters, in the run's param dtype; an adapter directory
+    applies to the float base, which differs from the one it was trained on by the
+    quantization error. Both exports hold `quantization.json` (the method and the relative
+    errors of the quantized kernels, `quantized_base.report`), and the summary returned holds
+    it under "quantization".
     """
     from lorax_ft.models.export import save_pretrained
     from lorax_ft.models.peft_format import save_peft
@@ -202,19 +225,23 @@ def export(config, workdir, export_dir, merged: bool = False, overwrite: bool = 
     check_target(export_dir, workdir, overwrite)
     experiment = restore(config, workdir)
     task, state = experiment.task, experiment.state
+    quantization = experiment.quantization
     if merged or config.peft.mode == "full":
-        params = jax.device_get(merged_params(state.variables))
+        params = jax.device_get(merged_params(state.variables))  # a quantized base dequantized
 
-        def write(directory):
+        def write_files(directory):
             save_pretrained(directory, task.module, params, tokenizer=task.tokenizer)
 
         written = "merged model" if config.peft.mode == "lora" else "model"
+        if quantization is not None:
+            written += f" (the {config.model.quantize} base dequantized)"
     else:
         variables = jax.device_get(state.variables)
         trained = paths.flatten(jax.device_get(state.trainable["params"]))
         base, adapters = on_original_base(experiment, variables["params"], variables["lora"])
+        base = _dequantized_on_host(base)  # shapes and frozen leaves of modules saved whole
 
-        def write(directory):
+        def write_files(directory):
             save_peft(
                 directory, task.module, base, adapters, trained,
                 base_model_name_or_path=base_model_name(config.model),
@@ -222,8 +249,30 @@ def export(config, workdir, export_dir, merged: bool = False, overwrite: bool = 
 
         written = "peft adapters"
     summary = {"step": int(state.step), "wrote": written}
+
+    def write(directory):
+        write_files(directory)
+        if quantization is not None:
+            with open(os.path.join(directory, QUANTIZATION_FILE), "w") as f:
+                json.dump({**quantization, "statement": statement(quantization)}, f, indent=2)
+
     replace_directory(export_dir, write, record=summary)
+    if quantization is not None:
+        summary["quantization"] = quantization
     return {**summary, "export_dir": export_dir}
+
+
+QUANTIZATION_FILE = "quantization.json"
+"""What an export of a run on a quantized base writes beside the weights: `quantized_base.report`
+and its one-line statement."""
+
+
+def _dequantized_on_host(params):
+    """Host params with each quantized kernel dequantized on the CPU (no accelerator memory)."""
+    if not any(is_quantized(x) for x in paths.flatten(params).values()):
+        return params
+    with jax.default_device(jax.devices("cpu")[0]):
+        return jax.device_get(quant.dequantize(params))
 
 
 def on_original_base(experiment, params, adapters):

@@ -13,14 +13,20 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from lorax_ft import quant
 from lorax_ft.transform import lora
 
 
 @jax.jit
 def merged_params(variables):
     """`{"params", "lora"}` -> params with every adapter merged in: one compiled program, so the
-    merged kernels stay where (and sharded as) their base kernels are."""
-    return lora.merge(variables["params"], variables["lora"])
+    merged kernels stay where (and sharded as) their base kernels are.
+
+    A quantized base (`model.quantize`) is dequantized first, to its kernels' dtype (the run's
+    `model.param_dtype`): the merged params are float, W_q dequantized + s·A·B, what the
+    trained model computes (its codes cannot hold the merge).
+    """
+    return lora.merge(quant.dequantize(variables["params"]), variables["lora"])
 
 
 def generate_texts(task, params, prompts, max_new_tokens) -> list[str]:

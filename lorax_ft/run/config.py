@@ -214,6 +214,8 @@ def validate(config: ConfigDict, num_devices: int | None = None, process_count: 
             f"model.double_quant=True quantizes nf4's block scales; model.quantize is "
             f"{model.quantize!r} (set it to 'nf4', or double_quant to False)"
         )
+    if model.quantize == "gguf":
+        _check_gguf_base(config)
     if config.peft.mode == "lora" and not (config.peft.targets or config.peft.rules):
         raise ConfigError(
             "peft.mode='lora' adapts nothing: set peft.targets (a preset or a regex) or peft.rules"
@@ -244,6 +246,54 @@ def validate(config: ConfigDict, num_devices: int | None = None, process_count: 
         )
     if num_devices is not None:
         _check_mesh(config, num_devices, process_count)
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_gguf_base(config: ConfigDict) -> None:
+    """`model.quantize='gguf'` trains on a GGUF file's blocks: the model must be one, and no
+    init may change its kernels (PiSSA/OLoRA residuals would need blocks of their own)."""
+    from lorax_ft.models.presets import PRESETS
+
+    model = config.model
+    preset = PRESETS.get(model.preset)
+    if preset is not None:
+        is_gguf = preset.relative_path.endswith(".gguf")
+    elif model.path:
+        is_gguf = os.path.isfile(model.path) and _starts_with(model.path, GGUF_MAGIC)
+    else:
+        return  # an unknown preset: loading names it
+    if not is_gguf:
+        gguf_presets = ", ".join(n for n, p in PRESETS.items() if p.relative_path.endswith(".gguf"))
+        raise ConfigError(
+            f"model.quantize='gguf' needs a .gguf model.path or a GGUF preset ({gguf_presets}); "
+            f"{model.preset or model.path!r} is not one (use model.quantize='nf4' or 'int8')"
+        )
+    inits = [config.peft.init] + [
+        action.get("init", config.peft.init)
+        for _, action in config.peft.rules
+        if isinstance(action, dict | ConfigDict)
+    ]
+    changing = [i for i in inits if _init_method(i) in ("pissa", "olora")]
+    if changing:
+        raise ConfigError(
+            f"peft.init={changing[0]!r} makes the base a residual, but model.quantize='gguf' "
+            "keeps the file's blocks as they are; use model.quantize='nf4' (the residual is "
+            "quantized) or peft.init='kaiming'"
+        )
+
+
+def _init_method(init) -> str | None:
+    try:
+        return parse_init(init)[0]
+    except SpecError:  # a bad init in a rule: peft_spec names it
+        return None
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 def total_steps(config: ConfigDict) -> int:
@@ -354,16 +404,22 @@ def _type_ok(value: Any, expected: Any) -> bool:
     return isinstance(value, type(expected))
 
 
-def parse_variant(arg: str | None, name: str) -> tuple[str, bool]:
-    """A config file's argument `lora|full[,tiny]` -> `(mode, tiny)`.
+def parse_variant(
+    arg: str | None, name: str, modes: tuple[str, ...] = ("lora", "full")
+) -> tuple[str, bool]:
+    """A config file's argument `MODE[,tiny]` -> `(mode, tiny)`, MODE one of `modes` (the first
+    is the default).
 
     >>> parse_variant("full,tiny", "bbc_minilm")
     ('full', True)
+    >>> parse_variant("qlora", "smollm2_shakespeare", ("lora", "full", "qlora"))
+    ('qlora', False)
     """
-    args = set((arg or "lora").split(","))
-    if args - {"lora", "full", "tiny"} or {"lora", "full"} <= args:
-        raise ConfigError(f"{name} arguments are lora|full[,tiny], got {arg!r}")
-    return ("full" if "full" in args else "lora"), "tiny" in args
+    args = set((arg or modes[0]).split(","))
+    chosen = args & set(modes)
+    if args - {*modes, "tiny"} or len(chosen) > 1:
+        raise ConfigError(f"{name} arguments are {'|'.join(modes)}[,tiny], got {arg!r}")
+    return (chosen.pop() if chosen else modes[0]), "tiny" in args
 
 
 def shrink_to_tiny(config: ConfigDict, *, max_length: int, steps: int) -> None:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_ft.errors import UserError
+from lorax_ft.quant import is_quantized
 from lorax_ft.transform import lora, paths
 from lorax_ft.transform.spec import Spec, Train
 
@@ -81,7 +82,10 @@ def initial_values(
     for path in sorted(loaded.trained.keys() - trained):
         # A module saved whole also holds the leaves the run keeps frozen: their saved values
         # must be the base's, or the adapter means a model this run would not train.
-        value, base = np.asarray(loaded.trained[path]), np.asarray(flat[path])
+        base = flat[path]
+        if is_quantized(base):  # a QLoRA export saves the kernel it was trained on, dequantized
+            base = base.dequantize()
+        value, base = np.asarray(loaded.trained[path]), np.asarray(base)
         if value.shape != base.shape or not np.array_equal(value, base.astype(value.dtype)):
             raise InitFromError(
                 f"{where} saves {path} with values other than the base's, but the config keeps "

@@ -1,6 +1,7 @@
 """The `lorax-ft` command: train, eval, generate and export from one experiment config.
 
 lorax-ft train --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc --config.peft.rank=16
+lorax-ft train --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc_q --config.model.quantize=nf4
 lorax-ft eval --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc
 lorax-ft eval --config=configs/bbc_minilm.py:lora --adapters=/tmp/adapter,none
 lorax-ft generate --config=configs/smollm2_shakespeare.py --adapters=/tmp/a,/tmp/b --combine=cat \
@@ -131,6 +132,11 @@ def main(argv) -> None:
         # Bad input is one clear line, not a traceback.
         print(f"lorax-ft {command}: {e}", file=sys.stderr)
         sys.exit(2)
+    if command == "export" and "quantization" in summary:
+        from lorax_ft.run.quantized_base import statement
+
+        # Never silent: adapters trained on a quantized base carry its error.
+        print(f"lorax-ft export: {statement(summary['quantization'])}")
     print(json.dumps(summary, default=str))
 
 

@@ -25,7 +25,8 @@ from lorax_ft.errors import UserError
 
 RESUME_KEYS = (
     "model.preset", "model.task", "model.param_dtype", "model.scan_layers",
-    "model.classifier_pooling", "peft.mode", "peft.targets", "peft.rank", "peft.alpha",
+    "model.classifier_pooling", "model.quantize", "model.double_quant",
+    "model.quantize_embeddings", "peft.mode", "peft.targets", "peft.rank", "peft.alpha",
     "peft.rslora", "peft.dora", "peft.init", "peft.train", "peft.rules", "train.seed",
 )  # fmt: skip
 """Config keys a checkpoint's trainables depend on: a resume that changes one is another run.
@@ -33,11 +34,20 @@ RESUME_KEYS = (
 They decide which arrays are trained and what they mean (targets, rank, mode, `peft.train`),
 how the adapters are applied (alpha and rslora scale them: a changed alpha would silently
 rescale every trained update), the base and its new head (preset, task, dtype, layer layout,
-pooling; the seed initialises the head and orders the data). Everything else may change on
+pooling, quantization: adapters trained on a quantized base learned to correct its codes; the
+seed initialises the head and orders the data). Everything else may change on
 resume: steps, schedule, optimizer, logging and eval cadence, batch size, mesh and sharding,
 dropout (`peft.dropout` regularises like weight decay does), data. `model.path` is left to the
 base fingerprint: a moved model directory with the same weights is the same base.
 """
+
+ADDED_KEYS = {
+    "model.quantize": "none",
+    "model.double_quant": False,
+    "model.quantize_embeddings": False,
+}
+"""Resume keys added after checkpoints were first written, with the value every earlier run
+had: a checkpoint that does not record one was trained with it."""
 
 
 class CheckpointMismatchError(UserError, RuntimeError):
@@ -63,17 +73,7 @@ def check_same_run(
       base: the fingerprint of the base this run loaded.
       config: `resume_config` of this run (None: not compared).
     """
-    recorded = meta.get("config", {})  # empty in checkpoints of earlier versions
-    changed = [k for k in config or {} if k in recorded and recorded[k] != config[k]]
-    if changed:
-        described = ", ".join(f"{k}={recorded[k]!r} (now {config[k]!r})" for k in changed)
-        one = len(changed) == 1
-        raise CheckpointMismatchError(
-            f"checkpoint {step_dir} was trained with {described}: a run cannot change "
-            f"{'this key' if one else 'these keys'} on resume; restore {'it' if one else 'them'} "
-            "(the run's config is config.json in its workdir), or use a new --workdir to start "
-            "another run"
-        )
+    check_same_config(step_dir, meta, config)
     if meta["base_fingerprint"] != base:
         raise CheckpointMismatchError(
             f"checkpoint {step_dir} was trained on a base model with fingerprint "
@@ -88,6 +88,27 @@ def check_same_run(
             f"differ; {first}: {_describe(saved.get(first))} in the checkpoint, "
             f"{_describe(expected.get(first))} now): use the config it was trained with, or "
             "a new --workdir"
+        )
+
+
+def check_same_config(step_dir: str, meta: dict, config: dict | None) -> None:
+    """Raises CheckpointMismatchError when `config` (`resume_config` of this run; None: not
+    compared) changes a resume key that the checkpoint in `step_dir` recorded in `meta`.
+
+    Needs no weights: a run checks it before loading its base, and again on restoring.
+    """
+    recorded = meta.get("config", {})  # empty in checkpoints of earlier versions
+    if recorded:
+        recorded = {**ADDED_KEYS, **recorded}
+    changed = [k for k in config or {} if k in recorded and recorded[k] != config[k]]
+    if changed:
+        described = ", ".join(f"{k}={recorded[k]!r} (now {config[k]!r})" for k in changed)
+        one = len(changed) == 1
+        raise CheckpointMismatchError(
+            f"checkpoint {step_dir} was trained with {described}: a run cannot change "
+            f"{'this key' if one else 'these keys'} on resume; restore {'it' if one else 'them'} "
+            "(the run's config is config.json in its workdir), or use a new --workdir to start "
+            "another run"
         )
 
 

@@ -69,6 +69,8 @@ def build(config, num_labels: int | None = None, *, place=None, read_weights: bo
     }
     source = model.preset or model.path
     if model.task == "causal_lm":
+        if model.quantize == "gguf":  # the file's quantized blocks as they are stored
+            overrides["gguf_blocks"] = True
         module, params, model_config, tokenizer = load_pretrained(
             source, shardings=place, read_weights=read_weights, **overrides
         )

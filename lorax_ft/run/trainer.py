@@ -34,7 +34,7 @@ from lorax_ft.run.checkpointing import Checkpointer
 from lorax_ft.run.completions import generate_texts, merged_params
 from lorax_ft.run.experiment import Experiment, build
 from lorax_ft.run.metrics import MetricsWriter, plot_curves, read_metrics
-from lorax_ft.run.resume import resume_config
+from lorax_ft.run.resume import CheckpointMismatchError, resume_config
 from lorax_ft.training.train_step import TrainState
 from lorax_ft.transform import lora
 
@@ -78,12 +78,20 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
 
 def _train_and_evaluate(config, workdir: Path) -> dict:
     start_time = time.perf_counter()
+    checkpoints = None
+    if (workdir / "checkpoints").is_dir():
+        # A resume that changes a resume key is refused before the base is loaded.
+        checkpoints = _checkpointer(config, workdir)
+        try:
+            checkpoints.check_config(resume_config(config))
+        except CheckpointMismatchError:
+            checkpoints.close()
+            raise
     experiment = build(config)
     task, state = experiment.task, experiment.state
     is_writer = jax.process_index() == 0  # one process writes logs, reports and samples
-    checkpoints = Checkpointer(
-        workdir / "checkpoints", keep=config.checkpoint.keep, use_async=config.checkpoint.use_async
-    )
+    # Created after the build otherwise: a config refused there leaves no checkpoints folder.
+    checkpoints = checkpoints or _checkpointer(config, workdir)
     base, run_config = experiment.base_fingerprint, resume_config(experiment.config)
     train_data = data.make_pipeline(
         config.data, task.tokenizer, split="train", batch_size=config.train.batch_size,
@@ -155,6 +163,12 @@ def _train_and_evaluate(config, workdir: Path) -> dict:
         _write_reports(config, workdir, summary)
     checkpoints.close()
     return summary
+
+
+def _checkpointer(config, workdir: Path) -> Checkpointer:
+    return Checkpointer(
+        workdir / "checkpoints", keep=config.checkpoint.keep, use_async=config.checkpoint.use_async
+    )
 
 
 def _write_samples(experiment: Experiment, workdir: Path, state, when: str) -> None:
@@ -231,6 +245,8 @@ def _summarize(experiment: Experiment, workdir, state, times, wall_s) -> dict:
         "eval_before": {k: v for k, v in evals[0].items() if k != "step"} if evals else {},
         "eval_after": {k: v for k, v in evals[-1].items() if k != "step"} if evals else {},
         "wall_s": wall_s,
+        # A quantized base (model.quantize): method, kernels, their relative errors, storage.
+        "quantization": experiment.quantization,
     }
 
 
@@ -260,6 +276,13 @@ def _write_reports(config, workdir: Path, summary: dict) -> None:
         f"| median step time | {summary['median_step_s'] or 0:.4f} s |",
         f"| wall time | {summary['wall_s']:.1f} s |",
     ]
+    quantized = summary.get("quantization")
+    if quantized:
+        lines.append(
+            f"| quantized base | {quantized['method']}, {quantized['kernels']} kernels at "
+            f"{quantized['bytes_per_param']:.4g} bytes/param, relative error max "
+            f"{quantized['relative_error_max']:.4g}, mean {quantized['relative_error_mean']:.4g} |"
+        )
     for key in summary["eval_after"]:
         before = summary["eval_before"].get(key, float("nan"))
         lines.append(

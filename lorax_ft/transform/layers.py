@@ -315,14 +315,14 @@ NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 _DEFAULT_OPS = {cls: _default_ops(cls) for cls in (*LINEN_LAYERS, *NNX_LAYERS)}
 
 
-def _unwrapped(cls: type, method: str):
+def unwrapped(cls: type, method: str):
     # linen wraps every module method; interceptors see the function underneath.
     fn = getattr(cls, method)
     return getattr(fn, "__wrapped__", fn)
 
 
 LINEN_IMPLEMENTATIONS: dict[Any, tuple[type, str]] = {
-    _unwrapped(cls, method): (cls, method)
+    unwrapped(cls, method): (cls, method)
     for cls in LINEN_LAYERS
     for method in ("__call__", "attend")
     if hasattr(cls, method)
