@@ -3,25 +3,30 @@ r"""BBC News topic classification (5 classes) with all-MiniLM-L6-v2: LoRA or ful
     lorax-ft train --config=configs/bbc_minilm.py:lora --workdir=/tmp/bbc_lora
     lorax-ft train --config=configs/bbc_minilm.py:full --workdir=/tmp/bbc_full
     lorax-ft train --config=configs/bbc_minilm.py:lora,tiny --workdir=/tmp/bbc_tiny  # seconds
-    lorax-ft train --config=configs/bbc_minilm.py:lora --config.model.quantize=nf4 \
-        --workdir=/tmp/bbc_qlora  # QLoRA: the frozen encoder in 4-bit NF4
+    lorax-ft train --config=configs/bbc_minilm.py:qlora --workdir=/tmp/bbc_qlora  # NF4 base
 
-Arguments (comma-separated): `lora` (default) or `full`; `tiny` for a seconds-long smoke run.
-Both modes get the same budget (steps, batch, sequence length); only the spec and the learning
-rate differ. The classifier head is new, so LoRA trains it fully; with `model.quantize` (int8,
-nf4) the encoder's frozen kernels are quantized and the head, being trained, stays float.
+Arguments (comma-separated): `lora` (default), `qlora` or `full`; `tiny` for a seconds-long
+smoke run. All modes get the same budget (steps, batch, sequence length); only the spec and the
+learning rate differ. The classifier head is new, so LoRA trains it fully. `qlora` is `lora` on
+the encoder's frozen kernels in 4-bit NF4 (`model.quantize='nf4'`; any mode takes
+`--config.model.quantize=int8|nf4`): the head, being trained, stays float.
 """
 
 from lorax_ft.run.config import default_config, parse_variant, shrink_to_tiny
 
+MODES = ("lora", "full", "qlora")
+
 
 def get_config(arg: str | None = None):
-    mode, tiny = parse_variant(arg, "bbc_minilm")
+    variant, tiny = parse_variant(arg, "bbc_minilm", MODES)
+    mode = "full" if variant == "full" else "lora"
 
     config = default_config()
     config.model.preset = "all-minilm-l6-v2"
     config.model.task = "classification"
     config.model.classifier_pooling = "mean"  # the sentence-transformers pooling of this model
+    if variant == "qlora":
+        config.model.quantize = "nf4"  # the frozen encoder kernels in 4-bit NormalFloat
 
     config.data.kind = "classification"
     config.data.name = "bbc-news"  # 2,225 articles, 5 topics; deterministic train/eval split

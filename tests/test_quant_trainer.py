@@ -25,15 +25,14 @@ from tests.test_trainer import (
 )
 from tests.tolerance import assert_close
 
-TINY = "configs/bbc_minilm.py:lora,tiny"
-NF4 = "--config.model.quantize=nf4"
+TINY = "configs/bbc_minilm.py:qlora,tiny"  # lora,tiny with model.quantize="nf4"
 
 
 def _config():
     from configs import bbc_minilm
 
-    config = bbc_minilm.get_config("lora,tiny")
-    config.model.quantize = "nf4"
+    config = bbc_minilm.get_config("qlora,tiny")
+    assert config.model.quantize == "nf4"
     return config
 
 
@@ -53,7 +52,7 @@ def _ok(*args):
 def qlora_run(tmp_path_factory):
     """The tiny NF4 run, its step-2 checkpoint kept for the resume test."""
     workdir = tmp_path_factory.mktemp("qlora") / "run"
-    _, summary = _ok("train", f"--config={TINY}", NF4, f"--workdir={workdir}",
+    _, summary = _ok("train", f"--config={TINY}", f"--workdir={workdir}",
                      "--config.checkpoint.keep=2")  # fmt: skip
     assert summary["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
     return workdir, summary
@@ -147,7 +146,7 @@ def test_a_qlora_run_resumes_bitwise_from_a_mid_run_checkpoint(qlora_run, tmp_pa
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
-    _, summary = _ok("train", f"--config={TINY}", NF4, f"--workdir={resumed}",
+    _, summary = _ok("train", f"--config={TINY}", f"--workdir={resumed}",
                      "--config.checkpoint.keep=2")  # fmt: skip
     assert summary["steps"] == 4 and summary["quantization"]["method"] == "nf4"
     assert _comparable(read_metrics(resumed / "metrics.jsonl")) == _comparable(
@@ -158,7 +157,7 @@ def test_a_qlora_run_resumes_bitwise_from_a_mid_run_checkpoint(qlora_run, tmp_pa
 
 def test_eval_rebuilds_the_quantized_base_and_repeats_the_runs_eval(qlora_run):
     workdir, _ = qlora_run
-    _, evaluated = _ok("eval", f"--config={TINY}", NF4, f"--workdir={workdir}")
+    _, evaluated = _ok("eval", f"--config={TINY}", f"--workdir={workdir}")
     final = [r for r in read_metrics(workdir / "metrics.jsonl") if "eval_loss" in r][-1]
     assert evaluated["step"] == 4
     for key in ("eval_loss", "eval_accuracy", "eval_macro_f1"):
@@ -177,7 +176,7 @@ def test_the_merged_export_is_the_dequantized_base_plus_the_adapters(
 
     workdir, _ = qlora_run
     out = tmp_path / "merged"
-    lines, exported = _ok("export", f"--config={TINY}", NF4, f"--workdir={workdir}",
+    lines, exported = _ok("export", f"--config={TINY}", f"--workdir={workdir}",
                           f"--export_dir={out}", "--merged")  # fmt: skip
     assert exported["wrote"] == "merged model (the nf4 base dequantized)"
     assert lines[-2].startswith("lorax-ft export: the adapters were trained on an nf4-quantized")
@@ -206,7 +205,7 @@ def test_the_adapter_export_states_the_quantization_error(qlora_run, tmp_path):
     was trained on differs from it."""
     workdir, summary = qlora_run
     out = tmp_path / "adapter"
-    lines, exported = _ok("export", f"--config={TINY}", NF4, f"--workdir={workdir}",
+    lines, exported = _ok("export", f"--config={TINY}", f"--workdir={workdir}",
                           f"--export_dir={out}")  # fmt: skip
     report = summary["quantization"]
     assert exported["wrote"] == "peft adapters" and exported["quantization"] == report

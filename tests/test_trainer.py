@@ -169,6 +169,7 @@ def test_tiny_config_trains_end_to_end(tiny_run):
 # LORAX_FT_SLOW_TESTS=1.
 TINY_RUNS = {
     ("bbc_minilm", "lora"): "tiny_run",
+    ("bbc_minilm", "qlora"): "test_quant_trainer.py",
     ("bbc_minilm", "full"): "test_readme.py (its FSDP commands, shrunk as the tiny variant)",
     ("smollm2_chatterbot", "lora"): "test_readme.py",
     ("smollm2_shakespeare", "lora"): "test_trainer_lm.py",
