@@ -52,7 +52,17 @@ def initialize(
         # One process: its CPU devices (simulated ones, in tests) keep in-process collectives,
         # which are several times faster than gloo's TCP ones.
         jax.config.update("jax_cpu_collectives_implementation", None)
-        jax.distributed.initialize(f"127.0.0.1:{_free_port()}", num_processes=1, process_id=0)
+        # Heartbeats find dead peers, and one process has none: with JAX's 100 s timeout, a
+        # machine paused or starved of CPU for longer (a suspended VM) killed a healthy run.
+        jax.distributed.initialize(
+            f"127.0.0.1:{_free_port()}",
+            num_processes=1,
+            process_id=0,
+            heartbeat_timeout_seconds=_ONE_PROCESS_HEARTBEAT_S,
+        )
+
+
+_ONE_PROCESS_HEARTBEAT_S = 7 * 24 * 3600
 
 
 def _free_port() -> int:
