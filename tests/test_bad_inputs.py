@@ -153,9 +153,9 @@ CASES = [
      ["NameError", "raises.py:2"]),
     ("config_import_fails", ("train", "--config=__FILES__/bad_import.py"),
      ["ModuleNotFoundError", "no_such_module_anywhere"]),
-    ("config_bad_variant", ("train", "--config=configs/bbc_minilm.py:huge"), ["lora|full[,tiny]"]),
+    ("config_bad_variant", ("train", "--config=configs/bbc_minilm.py:huge"), ["lora|full|qlora[,tiny]"]),
     ("config_two_modes", ("train", "--config=configs/bbc_minilm.py:lora,full"),
-     ["lora|full[,tiny]"]),
+     ["lora|full|qlora[,tiny]"]),
     # --- overrides: names and types
     ("unknown_key", override("train.batchsize=8"), ["batchsize"]),
     ("unknown_section", override("trainer.steps=8"), ["trainer"]),

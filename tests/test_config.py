@@ -20,7 +20,7 @@ def test_shipped_configs_validate(module, arg):
 
 
 def test_config_arguments_are_checked():
-    with pytest.raises(ValueError, match="lora\\|full\\[,tiny\\]"):
+    with pytest.raises(ValueError, match="lora\\|full\\|qlora\\[,tiny\\]"):
         bbc_minilm.get_config("lora,full")
 
 

@@ -38,12 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from lorax_ft.errors import UserError
 from lorax_ft.run import integrity
-from lorax_ft.run.resume import (
-    CheckpointMismatchError,
-    check_same_config,
-    check_same_run,
-    leaf_specs,
-)
+from lorax_ft.run.resume import CheckpointMismatchError, check_same_run, leaf_specs
 from lorax_ft.training.train_step import TrainState
 
 __all__ = ["CheckpointMismatchError", "Checkpointer", "fingerprint"]  # the error lives in resume
@@ -187,24 +182,6 @@ class Checkpointer:
             f"no intact checkpoint in {self.directory} ({reasons or 'it is empty'}): move the "
             "directory away to train from the start, or use a new --workdir"
         )
-
-    def check_config(self, config: dict) -> None:
-        """Refuses, before any weight is loaded, a run whose `resume_config` changes a key the
-        newest readable checkpoint recorded (`resume.check_same_config`); `restore` checks
-        everything again. Checkpoints whose record cannot be read are left to `restore`.
-
-        Raises:
-          CheckpointMismatchError: a resume key differs.
-        """
-        for step in reversed(self.steps()):
-            try:
-                read = self._manager.restore(
-                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-                )
-            except Exception:  # damaged: `restore` names it, or uses an older one
-                continue
-            check_same_config(os.path.join(self.directory, str(step)), read["meta"], config)
-            return
 
     def wait(self) -> None:
         """Blocks until every started save has been committed."""

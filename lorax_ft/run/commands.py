@@ -37,7 +37,6 @@ def restore(config, workdir):
     try:
         if checkpoints.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
-        checkpoints.check_config(resume_config(config))  # before the base is loaded
         experiment = build(config)
         state, _ = checkpoints.restore(
             experiment.state,

@@ -95,7 +95,7 @@ def check_same_config(step_dir: str, meta: dict, config: dict | None) -> None:
     """Raises CheckpointMismatchError when `config` (`resume_config` of this run; None: not
     compared) changes a resume key that the checkpoint in `step_dir` recorded in `meta`.
 
-    Needs no weights: a run checks it before loading its base, and again on restoring.
+    Needs no weights, only the checkpoint's record.
     """
     recorded = meta.get("config", {})  # empty in checkpoints of earlier versions
     if recorded:

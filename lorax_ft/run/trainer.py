@@ -34,7 +34,7 @@ from lorax_ft.run.checkpointing import Checkpointer
 from lorax_ft.run.completions import generate_texts, merged_params
 from lorax_ft.run.experiment import Experiment, build
 from lorax_ft.run.metrics import MetricsWriter, plot_curves, read_metrics
-from lorax_ft.run.resume import CheckpointMismatchError, resume_config
+from lorax_ft.run.resume import resume_config
 from lorax_ft.training.train_step import TrainState
 from lorax_ft.transform import lora
 
@@ -78,20 +78,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
 
 def _train_and_evaluate(config, workdir: Path) -> dict:
     start_time = time.perf_counter()
-    checkpoints = None
-    if (workdir / "checkpoints").is_dir():
-        # A resume that changes a resume key is refused before the base is loaded.
-        checkpoints = _checkpointer(config, workdir)
-        try:
-            checkpoints.check_config(resume_config(config))
-        except CheckpointMismatchError:
-            checkpoints.close()
-            raise
     experiment = build(config)
     task, state = experiment.task, experiment.state
     is_writer = jax.process_index() == 0  # one process writes logs, reports and samples
-    # Created after the build otherwise: a config refused there leaves no checkpoints folder.
-    checkpoints = checkpoints or _checkpointer(config, workdir)
+    # Created after the build: a config refused there leaves no checkpoints folder.
+    checkpoints = _checkpointer(config, workdir)
     base, run_config = experiment.base_fingerprint, resume_config(experiment.config)
     train_data = data.make_pipeline(
         config.data, task.tokenizer, split="train", batch_size=config.train.batch_size,
