@@ -278,9 +278,7 @@ def report(
         for q in kernels.values():
             formats[q.format] = formats.get(q.format, 0) + 1
         size = sum(math.prod(q.shape) for q in kernels.values())
-        held = sum(
-            sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(q)) for q in kernels.values()
-        )
+        held = sum(q.nbytes for q in kernels.values())
         out["kernels"] = len(kernels)
         out["formats"] = formats
         out["bytes_per_param"] = held / size if size else 0.0

@@ -9,6 +9,12 @@ read outside a supported call and merges it instead).
 
 The factors of a kernel travel in the params collection beside it (`FACTORS_KEY`), so
 `nn.scan`/`nn.vmap` layer stacks slice stacked factors exactly as they slice their kernels.
+
+A quantized kernel (`lorax_ft.quant.QuantizedKernel`) sits at its kernel's path; a recognised
+call of its layer runs as an unbound copy of the layer applied to its own params with the kernel
+dequantized (`lorax_ft.quant.layer_call.on_dequantized`), that inner apply left alone by the
+interceptor. nn.Embed's `setup`, which would check the table's shape against the packed codes,
+is skipped for a quantized table: the table is read at the layer call only.
 """
 
 from __future__ import annotations

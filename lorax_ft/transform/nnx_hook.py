@@ -12,6 +12,9 @@ The factors are placed on the layer as `nnx.Param` variables (`lorax_a`, `lorax_
 magnitude `lorax_m`), so NNX transforms slice them as they slice the kernel: blocks created with
 `nnx.vmap` and run with `nnx.scan` get per-layer factors, like linen's `nn.scan`. The pass
 itself is found through a context variable set for the duration of the call.
+
+A layer whose weight holds a quantized kernel (`lorax_ft.quant.QuantizedKernel`) runs as a copy
+of itself with the weight dequantized (`lorax_ft.quant.layer_call.on_dequantized`).
 """
 
 from __future__ import annotations
